@@ -1,0 +1,267 @@
+"""Layers named like TF-slim, so a parameter's path joined by '/' is the official TF variable name.
+
+Convolutions are `lax.conv_general_dilated` with `rhs_dilation` (atrous rate) and, for depthwise
+convolutions, `feature_group_count`. Depthwise convolutions also have a shift-and-add formulation that
+XLA:CPU runs an order of magnitude faster (identical results and gradients); `impl='auto'` picks it on
+CPU and the grouped convolution elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+DepthwiseImpl = Literal['auto', 'grouped', 'shift']
+Padding = tuple[tuple[int, int], tuple[int, int]]
+DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+RESIZE_SCOPE = 'resize_bilinear'  # Name scope of resize matmuls; the flops count leaves them out.
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormConfig:
+  """TF-slim batch_norm hyper-parameters: `decay` is the moving-average momentum."""
+
+  decay: float = 0.9997
+  epsilon: float = 1e-5
+  frozen: bool = False  # Use the moving statistics, also in training (no update).
+
+
+def effective_kernel(kernel_size: int, rate: int) -> int:
+  return kernel_size + (kernel_size - 1) * (rate - 1)
+
+
+def fixed_padding(kernel_size: int, rate: int = 1) -> tuple[int, int]:
+  """TF's explicit symmetric padding of strided convs (`conv2d_same`, `fixed_padding`)."""
+  total = effective_kernel(kernel_size, rate) - 1
+  return total // 2, total - total // 2
+
+
+def same_padding(size: int, kernel_size: int, stride: int, rate: int) -> tuple[int, int]:
+  """TF/XLA 'SAME' padding (the extra pixel, if any, goes at the end)."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + effective_kernel(kernel_size, rate) - size, 0)
+  return total // 2, total - total // 2
+
+
+def conv_padding(shape: Sequence[int], kernel_size: int, stride: int, rate: int,
+                 explicit_padding: bool) -> Padding:
+  """Padding of a conv as the official code pads it: fixed padding when strided, else SAME."""
+  if stride > 1 and explicit_padding:
+    pad = fixed_padding(kernel_size, rate)
+    return pad, pad
+  return (same_padding(shape[1], kernel_size, stride, rate),
+          same_padding(shape[2], kernel_size, stride, rate))
+
+
+def resolve_depthwise_impl(impl: DepthwiseImpl) -> Literal['grouped', 'shift']:
+  if impl == 'auto':
+    return 'shift' if jax.default_backend() == 'cpu' else 'grouped'
+  if impl not in ('grouped', 'shift'):
+    raise ValueError(f"depthwise_impl must be 'auto', 'grouped' or 'shift', got {impl!r}")
+  return impl
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, rate: int, padding: Padding,
+                   impl: DepthwiseImpl = 'auto') -> jax.Array:
+  """Depthwise conv of NHWC `x` with a TF-layout (k, k, C, 1) kernel."""
+  k = kernel.shape[0]
+  channels = x.shape[-1]
+  if resolve_depthwise_impl(impl) == 'grouped':
+    return lax.conv_general_dilated(
+        x, kernel.reshape(k, k, 1, channels), (stride, stride), padding,
+        rhs_dilation=(rate, rate), dimension_numbers=DIMENSION_NUMBERS,
+        feature_group_count=channels)
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  k_eff = effective_kernel(k, rate)
+  out_h = (xp.shape[1] - k_eff) // stride + 1
+  out_w = (xp.shape[2] - k_eff) // stride + 1
+  out = None
+  for i in range(k):
+    for j in range(k):
+      tap = lax.slice(
+          xp, (0, i * rate, j * rate, 0),
+          (xp.shape[0], i * rate + (out_h - 1) * stride + 1, j * rate + (out_w - 1) * stride + 1,
+           channels),
+          (1, stride, stride, 1))
+      term = tap * kernel[i, j, :, 0]
+      out = term if out is None else out + term
+  return out
+
+
+class BatchNorm(nn.Module):
+  """TF-slim BatchNorm: params gamma/beta, batch_stats moving_mean/moving_variance.
+
+  Statistics are reduced over every axis but the last. Under `jax.jit` with the batch sharded over a
+  mesh, that reduction is over the global batch, i.e. synchronised BatchNorm. The moving variance is
+  updated with the Bessel-corrected batch variance, as TF's fused batch norm does.
+  """
+
+  config: BatchNormConfig = BatchNormConfig()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    channels = x.shape[-1]
+    gamma = self.param('gamma', nn.initializers.ones, (channels,), jnp.float32)
+    beta = self.param('beta', nn.initializers.zeros, (channels,), jnp.float32)
+    moving_mean = self.variable('batch_stats', 'moving_mean', jnp.zeros, (channels,), jnp.float32)
+    moving_var = self.variable('batch_stats', 'moving_variance', jnp.ones, (channels,), jnp.float32)
+    if train and not self.config.frozen:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(jnp.float32)
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      if not self.is_initializing():
+        n = x.size // channels
+        decay = self.config.decay
+        moving_mean.value = decay * moving_mean.value + (1 - decay) * mean
+        moving_var.value = (decay * moving_var.value
+                            + (1 - decay) * var * (n / max(n - 1, 1)))
+    else:
+      mean, var = moving_mean.value, moving_var.value
+    scale = gamma * lax.rsqrt(var + self.config.epsilon)
+    shift = beta - mean * scale
+    return x * scale.astype(x.dtype) + shift.astype(x.dtype)
+
+
+class Conv2D(nn.Module):
+  """slim.conv2d: conv (`weights`, HWIO) -> optional BatchNorm -> optional ReLU; `biases` without BN."""
+
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  rate: int = 1
+  use_bn: bool = True
+  relu: bool = True
+  use_bias: bool = False
+  bn: BatchNormConfig = BatchNormConfig()
+  explicit_padding: bool = True
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    k = self.kernel_size
+    rate = self.rate if k > 1 else 1
+    kernel = self.param('weights', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    y = lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+        conv_padding(x.shape, k, self.stride, rate, self.explicit_padding),
+        rhs_dilation=(rate, rate), dimension_numbers=DIMENSION_NUMBERS)
+    if self.use_bias:
+      y = y + self.param('biases', nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
+    if self.use_bn:
+      y = BatchNorm(self.bn, name='BatchNorm')(y, train)
+    return nn.relu(y) if self.relu else y
+
+
+class DepthwiseConv2D(nn.Module):
+  """slim.separable_conv2d with no pointwise part: `depthwise_weights` (k, k, C, 1) -> BN -> ReLU."""
+
+  kernel_size: int = 3
+  stride: int = 1
+  rate: int = 1
+  use_bn: bool = True
+  relu: bool = True
+  bn: BatchNormConfig = BatchNormConfig()
+  explicit_padding: bool = True
+  impl: DepthwiseImpl = 'auto'
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.truncated_normal(0.33)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param('depthwise_weights', self.kernel_init, (k, k, x.shape[-1], 1), jnp.float32)
+    padding = conv_padding(x.shape, k, self.stride, self.rate, self.explicit_padding)
+    y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.rate,
+                       padding, self.impl)
+    if self.use_bn:
+      y = BatchNorm(self.bn, name='BatchNorm')(y, train)
+    return nn.relu(y) if self.relu else y
+
+
+def separable_conv(x: jax.Array, features: int, name: str, *, train: bool,
+                   stride: int = 1, rate: int = 1, relu: bool = True, bn: BatchNormConfig,
+                   impl: DepthwiseImpl, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """Atrous separable conv as the official `split_separable_conv2d`: `{name}_depthwise` (BN, ReLU)
+  then `{name}_pointwise` 1x1 (BN, ReLU), both children of the calling compact module. Returns the output
+  and the depthwise output."""
+  dw = DepthwiseConv2D(stride=stride, rate=rate, relu=relu, bn=bn, impl=impl, dtype=dtype,
+                       name=f'{name}_depthwise')(x, train)
+  pw = Conv2D(features, 1, relu=relu, bn=bn, dtype=dtype, name=f'{name}_pointwise')(dw, train)
+  return pw, dw
+
+
+@functools.lru_cache(maxsize=256)
+def _interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) matrix of 1-D linear interpolation with TF's align_corners=True semantics."""
+  scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+  src = np.arange(out_size, dtype=np.float64) * scale
+  lo = np.clip(np.floor(src).astype(np.int64), 0, in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = (src - lo).astype(np.float32)
+  m = np.zeros((out_size, in_size), np.float32)
+  np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(out_size), hi), frac)
+  return m
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Bilinear resize of NHWC `x` to `size` (h, w) with align_corners=True, as the official code."""
+  out_h, out_w = int(size[0]), int(size[1])
+  if x.shape[1:3] == (out_h, out_w):
+    return x
+  with jax.named_scope(RESIZE_SCOPE):
+    mh = jnp.asarray(_interpolation_matrix(x.shape[1], out_h), x.dtype)
+    mw = jnp.asarray(_interpolation_matrix(x.shape[2], out_w), x.dtype)
+    hp = lax.Precision.HIGHEST
+    y = jnp.einsum('oh,nhwc->nowc', mh, x, precision=hp)
+    return jnp.einsum('pw,nowc->nopc', mw, y, precision=hp)
+
+
+def max_pool_same(x: jax.Array, window: int, stride: int) -> jax.Array:
+  """slim.max_pool2d with padding='SAME'."""
+  pads = ((0, 0), same_padding(x.shape[1], window, stride, 1),
+          same_padding(x.shape[2], window, stride, 1), (0, 0))
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
+                           pads)
+
+
+def atrous_plan(unit_strides: Sequence[Sequence[int]], output_stride: int,
+                root_stride: int) -> list[list[tuple[int, int]]]:
+  """(stride, rate) of every unit, as TF-slim's `stack_blocks_dense` assigns them.
+
+  Units run at their own stride until the feature map reaches `output_stride`; from then on they run
+  at stride 1 and the atrous rate grows by each skipped stride, so the same weights serve any output
+  stride.
+  """
+  current, rate = root_stride, 1
+  plan = []
+  for block in unit_strides:
+    block_plan = []
+    for stride in block:
+      if current == output_stride:
+        block_plan.append((1, rate))
+        rate *= stride
+      else:
+        if current > output_stride:
+          raise ValueError(f'output_stride {output_stride} cannot be reached by this backbone.')
+        block_plan.append((stride, 1))
+        current *= stride
+    plan.append(block_plan)
+  if current != output_stride:
+    raise ValueError(f'output_stride {output_stride} cannot be reached by this backbone '
+                     f'(its plain output stride is {current}); use 8, 16 or 32.')
+  return plan
+
+
+def scaled_depth(depth: int, multiplier: float) -> int:
+  return max(1, int(round(depth * multiplier)))
