@@ -10,13 +10,14 @@ from deeplab_jax.models.deeplab import (
     OUTPUT_STRIDES,
     DeepLab,
     backbone_scope,
+    build_backbone,
     default_atrous_rates,
     mean_pixel,
     preprocess,
 )
 
 __all__ = ['BACKBONES', 'OUTPUT_STRIDES', 'DeepLab', 'atrous_rates', 'backbone_scope',
-           'build_model', 'default_atrous_rates', 'mean_pixel', 'preprocess']
+           'build_backbone', 'build_model', 'default_atrous_rates', 'mean_pixel', 'preprocess']
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

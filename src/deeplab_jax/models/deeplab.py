@@ -49,6 +49,26 @@ def backbone_scope(backbone: str) -> str:
   return resnet.scope_name(backbone) if backbone.startswith('resnet') else backbone
 
 
+def build_backbone(backbone: str, output_stride: int = 16,
+                   multi_grid: tuple[int, int, int] | None = None, width_multiplier: float = 1.0,
+                   depthwise_impl: layers.DepthwiseImpl = 'auto', freeze_bn: bool = False,
+                   dtype: Any = jnp.float32, remat: bool = False,
+                   name: str | None = None) -> nn.Module:
+  """The backbone module: `apply` returns {stride: feature}, key 4 the decoder's end point."""
+  if backbone.startswith('xception'):
+    cls, bn, kwargs = xception.Xception, xception.BATCH_NORM, {'depthwise_impl': depthwise_impl}
+    grid = multi_grid or (1, 1, 1)
+  elif backbone.startswith('resnet'):
+    cls, bn, kwargs = resnet.ResNet, resnet.BATCH_NORM, {}
+    grid = multi_grid or (1, 2, 4)
+  else:
+    raise ValueError(f'Unknown backbone {backbone!r}; choose one of {BACKBONES}.')
+  bn = layers.BatchNormConfig(bn.decay, bn.epsilon, frozen=freeze_bn)
+  return cls(architecture=backbone, output_stride=output_stride, multi_grid=tuple(grid),
+             width_multiplier=width_multiplier, bn=bn, dtype=dtype, remat=remat, name=name,
+             **kwargs)
+
+
 class DeepLab(nn.Module):
   """DeepLab v3+ (`decoder=True`) or v3 (`decoder=False`)."""
 
@@ -72,21 +92,9 @@ class DeepLab(nn.Module):
   remat: bool = False
 
   def _backbone(self) -> nn.Module:
-    scope = backbone_scope(self.backbone)
-    if self.backbone.startswith('xception'):
-      bn = xception.BATCH_NORM
-      cls, kwargs = xception.Xception, dict(depthwise_impl=self.depthwise_impl)
-      grid = self.multi_grid or (1, 1, 1)
-    elif self.backbone.startswith('resnet'):
-      bn = resnet.BATCH_NORM
-      cls, kwargs = resnet.ResNet, {}
-      grid = self.multi_grid or (1, 2, 4)
-    else:
-      raise ValueError(f'Unknown backbone {self.backbone!r}; choose one of {BACKBONES}.')
-    bn = layers.BatchNormConfig(bn.decay, bn.epsilon, frozen=self.freeze_backbone_bn)
-    return cls(architecture=self.backbone, output_stride=self.output_stride,
-               multi_grid=tuple(grid), width_multiplier=self.width_multiplier, bn=bn,
-               dtype=self.dtype, remat=self.remat, name=scope, **kwargs)
+    return build_backbone(self.backbone, self.output_stride, self.multi_grid,
+                          self.width_multiplier, self.depthwise_impl, self.freeze_backbone_bn,
+                          self.dtype, self.remat, name=backbone_scope(self.backbone))
 
   def _conv(self, features: int, kernel_size: int, name: str, **kwargs) -> nn.Module:
     return layers.Conv2D(features, kernel_size, bn=HEAD_BATCH_NORM, dtype=self.dtype, name=name,

@@ -1,0 +1,67 @@
+"""`deeplab_jax.flops` reproduces the paper's Multiply-Adds table (PAPER.md, Tables 3 and 5)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deeplab_jax import defaults, flops
+
+MS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# (backbone, train OS, eval OS, decoder, separable, paper's billions of multiply-adds, tolerance)
+ROWS = [
+    ('resnet_v1_101_beta', 16, 16, False, False, 81.02, 0.015),
+    ('resnet_v1_101_beta', 16, 8, False, False, 276.18, 0.015),
+    ('resnet_v1_101_beta', 16, 16, True, False, 101.28, 0.02),  # Paper typo (graph: 102.80).
+    ('resnet_v1_101_beta', 16, 8, True, False, 297.92, 0.015),
+    ('resnet_v1_101_beta', 32, 32, False, False, 52.43, 0.015),
+    ('resnet_v1_101_beta', 32, 32, True, False, 74.20, 0.015),
+    ('xception_65', 16, 16, False, False, 68.00, 0.015),
+    ('xception_65', 16, 8, False, False, 240.85, 0.015),
+    ('xception_65', 16, 16, True, False, 89.76, 0.015),
+    ('xception_65', 16, 8, True, False, 262.59, 0.015),
+    ('xception_65', 16, 16, True, True, 54.17, 0.015),
+    ('xception_65', 16, 8, True, True, 177.10, 0.015),
+]
+
+
+def config_for(backbone, train_os, eval_os, decoder, separable):
+  c = defaults.get_base_config()
+  c.model.backbone = backbone
+  c.model.output_stride = train_os
+  c.eval.output_stride = eval_os
+  c.model.decoder = decoder
+  c.model.aspp_separable = c.model.decoder_separable = separable
+  return c
+
+
+@pytest.mark.parametrize('row', ROWS, ids=lambda r: '-'.join(map(str, r[:5])))
+def test_paper_multiply_adds_table(row):
+  *setting, paper, tol = row
+  result = flops.count(config_for(*setting))
+  assert result['multiply_adds_tf'] / 1e9 == pytest.approx(paper, rel=tol)
+  # A native dilated conv does not pay for TF's space_to_batch grid.
+  assert result['multiply_adds'] <= result['multiply_adds_tf']
+  if setting[1:3] == [16, 8] and not setting[3] and setting[0] == 'xception_65':
+    assert result['multiply_adds'] / 1e9 == pytest.approx(227.0, rel=0.005)
+
+
+@pytest.mark.parametrize('eval_os,paper', [(16, 928.81), (8, 3055.35)])
+def test_multi_scale_and_flip(eval_os, paper):
+  c = config_for('xception_65', 16, eval_os, True, True)
+  c.eval.scales, c.eval.flip = MS, True
+  assert flops.count(c)['multiply_adds_tf'] / 1e9 == pytest.approx(paper, rel=0.03)
+
+
+def test_command_line_prints_one_json_object(tmp_path):
+  config = tmp_path / 'config.py'
+  config.write_text('from deeplab_jax import defaults\n\n'
+                    'def get_config():\n  return defaults.get_base_config()\n')
+  out = subprocess.run([sys.executable, '-m', 'deeplab_jax.flops', f'--config={config}',
+                        '--config.model.decoder=False', '--config.model.aspp_separable=False',
+                        '--config.eval.output_stride=16'],
+                       capture_output=True, text=True, check=True).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result['multiply_adds_tf'] / 1e9 == pytest.approx(68.00, rel=0.015)
+  assert result['params'] > 0 and result['decoder'] is False

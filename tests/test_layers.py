@@ -1,0 +1,103 @@
+"""Layers against independent references: TensorFlow's own ops (the official code's semantics)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deeplab_jax.models import layers
+
+
+@pytest.mark.parametrize('stride,rate,size', [(1, 1, 9), (1, 2, 9), (1, 3, 10), (2, 1, 9),
+                                              (2, 1, 10), (2, 1, 11)])
+def test_depthwise_impls_match_tensorflow(stride, rate, size):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, size, size + 1, 5)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 5, 1)).astype(np.float32)
+  pad = layers.conv_padding(x.shape, 3, stride, rate, explicit_padding=True)
+  if stride > 1:  # TF's separable_conv2d_same: fixed padding, then VALID.
+    xp = tf.pad(x, [[0, 0], list(pad[0]), list(pad[1]), [0, 0]])
+    ref = tf.nn.depthwise_conv2d(xp, w, [1, stride, stride, 1], 'VALID').numpy()
+  else:
+    ref = tf.nn.depthwise_conv2d(x, w, [1, 1, 1, 1], 'SAME', dilations=[rate, rate]).numpy()
+  for impl in ('grouped', 'shift'):
+    out = layers.depthwise_conv(jnp.asarray(x), jnp.asarray(w), stride, rate, pad, impl)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=impl)
+
+
+def test_depthwise_impls_equal_gradients():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 13, 13, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 6, 1)), jnp.float32)
+  for stride, rate in [(1, 2), (2, 1), (1, 4)]:
+    pad = layers.conv_padding(x.shape, 3, stride, rate, explicit_padding=True)
+    loss = lambda x, w, impl, s=stride, r=rate, p=pad: jnp.sum(  # noqa: E731
+        jnp.sin(layers.depthwise_conv(x, w, s, r, p, impl)))
+    g_grouped = jax.grad(loss, argnums=(0, 1))(x, w, 'grouped')
+    g_shift = jax.grad(loss, argnums=(0, 1))(x, w, 'shift')
+    for a, b in zip(g_grouped, g_shift, strict=True):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kernel,stride,rate,size', [(3, 2, 1, 10), (7, 2, 1, 11), (3, 1, 2, 9),
+                                                     (1, 2, 1, 10)])
+def test_conv_padding_matches_tf_conv2d_same(kernel, stride, rate, size):
+  """slim's conv2d_same: fixed padding + VALID when strided, SAME otherwise."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(1, size, size, 3)).astype(np.float32)
+  w = rng.normal(size=(kernel, kernel, 3, 4)).astype(np.float32)
+  if stride > 1:
+    pb, pe = layers.fixed_padding(kernel, rate)
+    assert (pb, pe) == ((kernel - 1) // 2, kernel - 1 - (kernel - 1) // 2)
+    ref = tf.nn.conv2d(tf.pad(x, [[0, 0], [pb, pe], [pb, pe], [0, 0]]), w, stride, 'VALID')
+  else:
+    ref = tf.nn.conv2d(x, w, stride, 'SAME', dilations=rate)
+  module = layers.Conv2D(4, kernel, stride=stride, rate=rate, use_bn=False, relu=False)
+  out = module.apply({'params': {'weights': jnp.asarray(w)}}, jnp.asarray(x))
+  np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize('in_size,out_size', [((5, 7), (17, 25)), ((33, 33), (129, 129)),
+                                              ((9, 4), (3, 2)), ((1, 1), (5, 5))])
+def test_resize_bilinear_align_corners_matches_tf1(in_size, out_size):
+  x = np.random.default_rng(3).normal(size=(2, *in_size, 3)).astype(np.float32)
+  ref = tf.compat.v1.image.resize_bilinear(x, out_size, align_corners=True).numpy()
+  np.testing.assert_allclose(layers.resize_bilinear(jnp.asarray(x), out_size), ref, atol=1e-5)
+
+
+def test_max_pool_same_matches_tf():
+  x = np.random.default_rng(4).normal(size=(1, 10, 9, 2)).astype(np.float32)
+  ref = tf.nn.max_pool2d(x, 3, 2, 'SAME').numpy()
+  np.testing.assert_allclose(layers.max_pool_same(jnp.asarray(x), 3, 2), ref)
+
+
+def test_batch_norm_train_and_inference():
+  rng = np.random.default_rng(5)
+  x = rng.normal(2.0, 3.0, size=(4, 5, 5, 3)).astype(np.float32)
+  bn = layers.BatchNorm(layers.BatchNormConfig(decay=0.9, epsilon=1e-3))
+  variables = bn.init(jax.random.key(0), x, train=True)
+  gamma = np.array([1.0, 2.0, 0.5], np.float32)
+  params = {'gamma': jnp.asarray(gamma), 'beta': jnp.asarray([0.0, 1.0, -1.0])}
+  y, updates = bn.apply({'params': params, 'batch_stats': variables['batch_stats']}, x, train=True,
+                        mutable=['batch_stats'])
+  mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+  np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-3) * gamma + params['beta'],
+                             atol=1e-4)
+  n = x.size // 3
+  stats = updates['batch_stats']
+  np.testing.assert_allclose(stats['moving_mean'], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(stats['moving_variance'], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
+  y_inf = bn.apply({'params': params, 'batch_stats': stats}, x, train=False)
+  expected = ((x - stats['moving_mean']) / np.sqrt(stats['moving_variance'] + 1e-3) * gamma
+              + params['beta'])
+  np.testing.assert_allclose(y_inf, expected, atol=1e-4)
+
+
+def test_atrous_plan_follows_stack_blocks_dense():
+  strides = [[2], [2], [2], [1] * 3, [2], [1]]  # Xception-65: root stride 2.
+  assert layers.atrous_plan(strides, 16, 2)[-2:] == [[(1, 1)], [(1, 2)]]
+  assert layers.atrous_plan(strides, 8, 2)[2:] == [[(1, 1)], [(1, 2)] * 3, [(1, 2)], [(1, 4)]]
+  assert layers.atrous_plan(strides, 32, 2)[-2:] == [[(2, 1)], [(1, 1)]]
+  with pytest.raises(ValueError, match='cannot be reached'):
+    layers.atrous_plan(strides, 64, 2)
