@@ -67,7 +67,7 @@ def test_build_and_load(tmp_path):
                        '--data_dir', data_dir]) == 0
   # A fresh process knows nothing of `my_fields`: the spec comes back from the dataset's metadata.
   spec._SPECS.pop('my_fields')
-  s = custom.spec_for('my_fields', data_dir)
+  s = get_spec('my_fields', data_dir)
   assert (s.num_classes, s.class_names, s.label_map) == (3, CLASSES, None)
   assert (s.train_split, s.eval_split, s.image_key, s.label_key) == (
       'train', 'validation', 'image', 'segmentation_mask')
@@ -81,9 +81,9 @@ def test_build_and_load(tmp_path):
     np.testing.assert_array_equal(ex['segmentation_mask'][..., 0], _mask(i))  # L and palette.
 
 
-def test_spec_for_unknown_dataset_keeps_the_helpful_error(tmp_path):
+def test_get_spec_unknown_dataset_keeps_the_helpful_error(tmp_path):
   with pytest.raises(ValueError, match='deeplab_jax.datasets.custom'):
-    custom.spec_for('never_built', str(tmp_path))
+    get_spec('never_built', str(tmp_path))
 
 
 def _bad_folder(root) -> dict[str, str]:

@@ -19,8 +19,8 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jcore
 from absl import app, flags
+from jax.extend import core as jcore
 from ml_collections import config_flags
 
 from deeplab_jax import models

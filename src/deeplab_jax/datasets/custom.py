@@ -22,7 +22,7 @@ Build it as TFDS dataset NAME (lower_snake_case, not a name TFDS or deeplab_jax 
 
 The build fails on the first bad file (naming the file and the problem) and then leaves nothing in
 DIR that would load. Train with `config.data.dataset=NAME`, `config.data.data_dir=DIR`; the number
-of classes and their names are stored in the dataset's metadata and read back by `spec_for`.
+of classes and their names are stored in the dataset's metadata and read back by `get_spec(name, data_dir)`.
 
 This module also holds the image and mask reading and checking that every builder of this package
 uses, so that all of them reject bad input the same way.
@@ -43,7 +43,7 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, get_spec, register
+from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, get_spec
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
@@ -418,27 +418,20 @@ def build(name: str, root: str, data_dir: str | None = None,
   """Builds folder `root` as TFDS dataset `name` in `data_dir`; returns its registered spec."""
   b = builder(name, root, data_dir, num_classes)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return spec_for(name, data_dir)
+  return get_spec(name, data_dir)
 
 
-def spec_for(name: str, data_dir: str | None = None) -> DatasetSpec:
-  """The spec of dataset `name`: a known one, else a custom dataset built in `data_dir`.
-
-  Custom datasets are registered on first use from the class list stored in their metadata, so
-  the input pipeline can call this wherever it would call `get_spec`.
-  """
+def stored_spec(name: str, data_dir: str | None = None) -> DatasetSpec | None:
+  """The spec of custom dataset `name` built in `data_dir`, from its stored metadata; None when
+  there is no such custom dataset. `get_spec` falls back to this for names it does not know."""
   try:
-    return get_spec(name)
-  except ValueError as not_known:
-    try:
-      info = tfds.builder(name, data_dir=data_dir).info
-      metadata = dict(info.metadata or {})
-    except Exception:  # Not built there (or not a dataset at all): report the original error.
-      raise not_known from None
-    if not metadata.get('deeplab_custom_segmentation'):
-      raise not_known from None
-  return register(DatasetSpec(name, int(metadata['num_classes']),
-                              tuple(metadata['class_names'])))
+    info = tfds.builder(name, data_dir=data_dir).info
+    metadata = dict(info.metadata or {})
+  except Exception:  # Not built there, or not a dataset at all.
+    return None
+  if not metadata.get('deeplab_custom_segmentation'):
+    return None
+  return DatasetSpec(name, int(metadata['num_classes']), tuple(metadata['class_names']))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,10 +41,18 @@ def register(spec: DatasetSpec) -> DatasetSpec:
   return spec
 
 
-def get_spec(name: str) -> DatasetSpec:
-  """The spec of TFDS dataset `name` (the part before any ':version' or '/config')."""
+def get_spec(name: str, data_dir: str | None = None) -> DatasetSpec:
+  """The spec of TFDS dataset `name` (the part before any ':version' or '/config').
+
+  A name no dataset module registered may be a custom dataset built into `data_dir`: its spec is
+  read from the dataset's stored metadata (see `deeplab_jax.datasets.custom`).
+  """
   base = name.split(':')[0].split('/')[0]
   if base not in _SPECS:
+    from deeplab_jax.datasets import custom  # noqa: PLC0415  (custom imports this module)
+    spec = custom.stored_spec(name, data_dir)
+    if spec is not None:
+      return register(spec)
     raise ValueError(f'config.data.dataset={name!r} is not a dataset deeplab_jax knows; known: '
                      f'{sorted(_SPECS)}. For your own images and masks see '
                      '`deeplab_jax.datasets.custom`.')

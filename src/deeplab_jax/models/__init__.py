@@ -80,6 +80,7 @@ def build_model(model_config: ml_collections.ConfigDict, output_stride: int | No
       freeze_backbone_bn=m.get('freeze_backbone_bn', False),
       dtype=DTYPES[m.get('dtype', 'float32')],
       remat=m.get('remat', False),
+      bn_decay=m.get('bn_decay'),
   )
   kwargs.update(overrides)
   return DeepLab(**kwargs)

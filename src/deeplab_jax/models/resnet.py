@@ -123,7 +123,7 @@ class ResNet(nn.Module):
         units.append(dict(depth=width(BASE_DEPTHS[b] * 4), depth_bottleneck=width(BASE_DEPTHS[b]),
                           stride=unit_stride, rate=rate * unit_rate, bn=self.bn, dtype=self.dtype))
       outputs = _Block(tuple(units), self.remat, name=f'block{b + 1}')(x, train)
-      for (out, conv3), (unit_stride, _) in zip(outputs, block_plan, strict=True):
+      for (out, _conv3), (unit_stride, _) in zip(outputs, block_plan, strict=True):
         stride *= unit_stride
         features[stride] = out
       x = outputs[-1][0]
