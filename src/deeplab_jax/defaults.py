@@ -66,6 +66,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   o.weight_decay = 4e-5
   o.warmup_steps = 0
   o.warmup_lr = 0.0  # Slow start: learning rate during warm-up ramps from this to base_lr.
+  o.warmup_mode = 'linear'  # 'linear' ramp, or 'constant' warmup_lr (the official slow start).
   o.grad_clip_norm = 0.0  # 0 = off.
 
   c.eval = e = ml_collections.ConfigDict()

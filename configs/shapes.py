@@ -1,0 +1,50 @@
+"""The embedded default: a small DeepLab v3+ on `deeplab_shapes`, trained from scratch on a CPU.
+
+  python -m deeplab_jax.main --config=configs/shapes.py --workdir=/tmp/wd
+
+The first run builds the dataset (1,000 train / 100 validation procedurally generated images,
+~30 s), then trains and evaluates. Expected: validation mIoU >= 0.85 in about 8 minutes wall on
+2 CPU cores (dataset build, compilation, training and evaluation together); see the report in
+README for measured numbers. Quick smoke run (tiny model, 20 steps): add `--config.smoke=True`.
+
+Model: Xception-41 at a quarter of its width, output stride 16, separable ASPP (rates 6/12/18) and
+decoder, 64-channel head. The recipe is the official one (SGD momentum, poly schedule, random scale
+and flip, sync BN), with a higher learning rate and a gentler scale range since it starts from
+random weights on small images.
+"""
+
+from deeplab_jax.defaults import get_base_config
+
+
+def get_config():
+  c = get_base_config()
+  c.model.backbone = 'xception_41'
+  c.model.width_multiplier = 0.25
+  c.model.aspp_channels = 64
+  c.model.decoder_channels = 64
+  c.model.low_level_channels = 24
+  c.model.num_classes = 6
+  # Evaluation uses the BatchNorm moving averages, which must follow weights that change fast in a
+  # run this short: the official 0.9997 would leave them near their initial values (mIoU ~0.13
+  # after 400 steps) and even 0.99 lags (0.80 at 300 steps against 0.87 with fresh statistics).
+  c.model.bn_decay = 0.9
+
+  c.data.dataset = 'deeplab_shapes'
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.min_scale = 0.75
+  c.data.max_scale = 1.25
+
+  c.train.batch_size = 16
+  c.train.crop_size = (97, 97)
+  c.train.num_steps = 400
+  c.train.log_every = 20
+  c.train.checkpoint_every = 200
+
+  c.optim.base_lr = 0.05
+  c.optim.warmup_steps = 20
+
+  c.eval.crop_size = (129, 129)  # Validation images are at most 128x128.
+  c.eval.batch_size = 20
+  c.eval.every = 400
+  return c

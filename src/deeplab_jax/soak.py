@@ -1,0 +1,142 @@
+"""Memory soak: train many steps and check that host memory stays flat.
+
+  python -m deeplab_jax.soak --steps=1000 [--config=configs/shapes.py --config.x=...] [--every=50]
+
+Runs `train.train_and_evaluate` (logging, checkpointing, periodic evaluation and the tf.data input
+pipeline all included) and samples this process's resident memory (RSS) as the loop asks for each
+`--every`-th batch. Prints one JSON line: the samples, and the least-squares slope of RSS over the
+steps after warm-up (`slope_mb_per_100_steps`; the first `--warmup` fraction of the run is compile
+and cache filling, not a leak). Without `--config` it trains a tiny DeepLab on `deeplab_shapes/tiny`
+(built on first use under `--data_dir`), checkpointing every 50 steps and evaluating every 100.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from deeplab_jax import defaults, input_pipeline, train
+
+_CONFIG = None  # The --config flag, defined in `_define_flags` (only when run as a program).
+
+
+def soak_config(steps: int, data_dir: str | None = None) -> ml_collections.ConfigDict:
+  """A tiny model on `deeplab_shapes/tiny` for `steps` steps, with frequent logs and checkpoints."""
+  c = defaults.get_base_config()
+  m = c.model
+  m.backbone = 'xception_41'
+  m.width_multiplier = 0.0625
+  m.aspp_channels = 8
+  m.decoder_channels = 8
+  m.low_level_channels = 4
+  m.num_classes = 6
+  m.bn_decay = 0.9
+  c.data.dataset = 'deeplab_shapes/tiny'
+  c.data.data_dir = data_dir
+  c.data.train_split = 'train'
+  c.data.shuffle_buffer = 64
+  c.train.batch_size = 2
+  c.train.crop_size = (33, 33)
+  c.train.num_steps = steps
+  c.train.log_every = 10
+  c.train.checkpoint_every = 50
+  c.train.keep_checkpoints = 2
+  c.optim.base_lr = 0.01
+  c.eval.crop_size = (65, 65)
+  c.eval.batch_size = 2
+  c.eval.every = 100
+  c.eval.num_images = 4
+  c.eval.num_summary_images = 1
+  return c
+
+
+def rss_mb() -> float:
+  """This process's resident set size in MB (Linux /proc; elsewhere the peak from getrusage)."""
+  try:
+    with open('/proc/self/statm') as f:
+      pages = int(f.read().split()[1])
+    return pages * os.sysconf('SC_PAGE_SIZE') / 2**20
+  except (OSError, ValueError, IndexError):
+    import resource  # noqa: PLC0415
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def slope_per_100_steps(samples: Sequence[tuple[int, float]]) -> float:
+  """Least-squares slope of MB over steps, per 100 steps (0 with fewer than two samples)."""
+  if len(samples) < 2:
+    return 0.0
+  steps, mb = np.asarray(samples, np.float64).T
+  return float(np.polyfit(steps, mb, 1)[0] * 100)
+
+
+def soak(config: ml_collections.ConfigDict, workdir: str, every: int = 50,
+         warmup: float = 0.2) -> dict:
+  """Train `config` in `workdir`, sampling RSS every `every` steps; returns the report."""
+  samples: list[tuple[int, float]] = []
+
+  def sampled_iterator(config, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    step = kwargs.get('start_step', 0)
+    for batch in input_pipeline.create_train_iterator(config, **kwargs):
+      if step % every == 0:  # Before step + 1 runs: everything up to `step` is done.
+        samples.append((step, rss_mb()))
+      yield batch
+      step += 1
+
+  start = time.perf_counter()
+  train.train_and_evaluate(config, workdir, create_train_iterator=sampled_iterator)
+  seconds = time.perf_counter() - start
+  samples.append((int(config.train.num_steps), rss_mb()))
+  first = int(warmup * config.train.num_steps)
+  steady = [s for s in samples if s[0] >= first]
+  return {
+    'steps': int(config.train.num_steps),
+    'seconds': round(seconds, 1),
+    'warmup_steps': first,
+    'slope_mb_per_100_steps': round(slope_per_100_steps(steady), 3),
+    'rss_after_warmup_mb': round(steady[0][1], 1) if steady else None,
+    'rss_end_mb': round(samples[-1][1], 1),
+    'rss_max_mb': round(max(mb for _, mb in samples), 1),
+    'samples': [[s, round(mb, 1)] for s, mb in samples],
+  }
+
+
+def _define_flags() -> None:
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  global _CONFIG
+  _CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file (default: a tiny model on deeplab_shapes/tiny); '
+    '--config.train.num_steps is replaced by --steps.', lock_config=False)
+  flags.DEFINE_integer('steps', 1000, 'Training steps.')
+  flags.DEFINE_integer('every', 50, 'Steps between RSS samples.')
+  flags.DEFINE_float('warmup', 0.2, 'Fraction of the steps left out of the slope.')
+  flags.DEFINE_string('workdir', None, 'Workdir (default: a fresh temporary directory).')
+  flags.DEFINE_string('data_dir', None, 'TFDS data_dir for the default config (default: a '
+                      'temporary directory).')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  with tempfile.TemporaryDirectory(prefix='deeplab_soak_') as tmp:
+    if _CONFIG.value is not None:
+      config = _CONFIG.value
+      config.train.num_steps = f.steps
+    else:
+      config = soak_config(f.steps, f.data_dir or os.path.join(tmp, 'tfds'))
+    report = soak(config, f.workdir or os.path.join(tmp, 'workdir'), f.every, f.warmup)
+  print(json.dumps(report), flush=True)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
