@@ -68,8 +68,9 @@ def _pump(stream: IO[bytes], prefix: str, sink: IO[str], lock: threading.Lock) -
   stream.close()
 
 
-def _stop(processes: Sequence[subprocess.Popen], grace_s: float = 10.0) -> None:
-  """SIGTERM the processes still running, then SIGKILL whatever is left after `grace_s`."""
+def _stop(processes: Sequence[subprocess.Popen], grace_s: float = 30.0) -> None:
+  """SIGTERM the processes still running (training checkpoints and exits), then SIGKILL whatever
+  is left after `grace_s` (e.g. a process waiting for a dead peer)."""
   for p in processes:
     if p.poll() is None:
       p.send_signal(signal.SIGTERM)
@@ -178,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='Write process_I.log files here instead of prefixed lines to stdout.')
   parser.add_argument('--timeout_s', type=float, default=None, help='Stop everything after this.')
   options = parser.parse_args(argv)
+  # `kill LAUNCHER` stops the job too: SystemExit unwinds through launch(), which stops the processes.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   return launch(passthrough, num_processes=options.num_processes,
                 devices_per_process=options.devices_per_process or None, module=options.module,
                 python=options.python, port=options.port, log_dir=options.log_dir,

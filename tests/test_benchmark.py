@@ -45,6 +45,7 @@ def check_result(result: dict, mode: str, batch: int) -> None:
   for field in POSITIVE:
     assert result[field] > 0 and math.isfinite(result[field]), (field, result[field])
   assert result['step_time_min_s'] <= result['step_time_median_s']
+  assert result['compiled_temp_bytes'] is None or result['compiled_temp_bytes'] >= 0
   assert result['mode'] == mode and result['batch'] == batch
   assert result['images_per_s'] == pytest.approx(batch / result['step_time_median_s'])
   passes = 3 if mode == 'train' else 1

@@ -50,6 +50,7 @@ def test_colab_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   start = time.monotonic()
   client.execute()
   seconds = time.monotonic() - start
+  nbformat.write(nb, tmp_path / 'executed.ipynb')  # To look at when an assertion below fails.
   code = [c for c in nb.cells if c.cell_type == 'code']
   texts = [_text(c) for c in code]
   everything = '\n'.join(texts)

@@ -22,7 +22,23 @@ def _one_step(config, devices, variables, batch):
     return jax.device_get((new_state, step_metrics))
 
 
+def _assert_trees_close(a, b, name, rtol, atol):
+  leaves_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  leaves_b = jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for (path, x), y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
+                               err_msg=f'{name}{jax.tree_util.keystr(path)}')
+
+
 def test_four_devices_equal_one_device():
+  """Loss, BN statistics and updated params agree to 1e-5; gradients to float32 noise.
+
+  The 4-device step sums per-device partial sums, the 1-device step sums in one go: float32
+  rounding differs by ~1e-7, and backpropagation through ~50 BatchNorm layers of a random tiny
+  network amplifies that to ~1e-4 relative in the earliest gradients (a non-synchronised BN, with
+  per-device statistics over one image each, would differ by O(1)).
+  """
   assert jax.device_count() == 4  # conftest forces 4 CPU devices.
   config = tiny_config()
   variables = random_variables(config)
@@ -31,15 +47,14 @@ def test_four_devices_equal_one_device():
   one, metrics1 = _one_step(config, jax.devices()[:1], variables, batch)
   assert metrics4.keys() == metrics1.keys()
   for k in metrics4:
-    np.testing.assert_allclose(metrics4[k], metrics1[k], rtol=1e-5, err_msg=k)
-  # Updated params, BN statistics and momentum (= the gradients after one step) agree.
-  for name in ('params', 'batch_stats', 'opt_state'):
-    leaves4 = jax.tree_util.tree_flatten_with_path(getattr(four, name))[0]
-    leaves1 = jax.tree.leaves(getattr(one, name))
-    assert len(leaves4) == len(leaves1)
-    for (path, x), y in zip(leaves4, leaves1, strict=True):
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5,
-                                 err_msg=f'{name}{jax.tree_util.keystr(path)}')
+    rtol = 5e-4 if k == 'train/grad_norm' else 1e-5
+    np.testing.assert_allclose(metrics4[k], metrics1[k], rtol=rtol, err_msg=k)
+  _assert_trees_close(four.params, one.params, 'params', rtol=1e-5, atol=1e-5)
+  _assert_trees_close(four.batch_stats, one.batch_stats, 'batch_stats', rtol=1e-5, atol=1e-5)
+  # After one step the momentum trace is the gradient (+ weight decay).
+  grads4, grads1 = four.opt_state, one.opt_state
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads1))
+  _assert_trees_close(grads4, grads1, 'gradients', rtol=1e-3, atol=1e-4 * scale)
   # The statistics moved from their initial values: these were real batch-statistics updates,
   # over the global batch (a per-device mean over 1 image each would differ).
   old = traverse_util.flatten_dict(variables['batch_stats'], sep='/')

@@ -218,8 +218,12 @@ def random_variables(config, seed: int = 0) -> dict:
     name = jax.tree_util.keystr(path)
     if 'moving_variance' in name or 'gamma' in name:
       return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-    scale = 0.1 if ('moving_mean' in name or 'beta' in name or 'biases' in name) else (
-        np.sqrt(2.0 / max(1, int(np.prod(s.shape[:-1])))))
+    if 'moving_mean' in name or 'beta' in name or 'biases' in name:
+      scale = 0.1
+    elif 'logits' in name:
+      scale = 0.01  # As the model's own logits initialiser.
+    else:
+      scale = np.sqrt(2.0 / max(1, int(np.prod(s.shape[:-1]))))
     return (rng.normal(size=s.shape) * scale).astype(np.float32)
   return jax.tree_util.tree_map_with_path(value, dict(shapes))
 

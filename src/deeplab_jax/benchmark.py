@@ -17,6 +17,8 @@ Runs on random data at the config's crop (`train.crop_size` for `--mode=train`, 
 - `matmul_flops_per_s`: a jitted square matmul of the model's dtype (`--matmul_size`), timed after
   each step so that both see the same machine load, and `peak_fraction` = `flops_per_s` /
   `matmul_flops_per_s` (both from median times);
+- `compiled_temp_bytes`: the step's scratch memory (activations kept for the backward pass, ...) as
+  XLA planned it (`memory_analysis()`), where the backend reports it;
 - `compile_cpu_s`: the compile's process CPU time, a steadier figure than `compile_s` on a busy
   machine; `load_average`: the machine's load at the end.
 
@@ -109,8 +111,8 @@ def multiply_adds(config: ml_collections.ConfigDict, crop: Sequence[int],
 def synthetic_variables(model: models.DeepLab, crop: Sequence[int], seed: int = 0) -> dict:
   """Variables shaped as `model.init`'s, filled on the host: He-normal kernels, BN identity.
 
-  `model.init` jitted or not takes minutes on a CPU for a full-size model (it compiles or dispatches
-  every initializer); the timings do not depend on the values, so they are drawn here instead.
+  `model.init`, jitted or not, can take minutes on a busy CPU for a full-size model (it compiles or
+  dispatches every initializer); the timings do not depend on the values, so they are drawn here.
   """
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *crop, 3), jnp.float32))
   rng = np.random.default_rng(seed)
@@ -270,6 +272,10 @@ def prepare(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int |
     def call():
       return compiled(*args)
 
+  try:
+    temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend implements the analysis.
+    temp_bytes = None
   device = jax.devices()[0]
   info = {
       'mode': mode,
@@ -286,6 +292,7 @@ def prepare(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int |
       'lower_s': lower_s,
       'compile_s': compile_s,
       'compile_cpu_s': compile_cpu_s,
+      'compiled_temp_bytes': temp_bytes,
   }
   return Prepared(call, mode, batch, multiply_adds(config, crop, output_stride), dtype, info,
                   compiled)

@@ -76,9 +76,9 @@ def slope_per_100_steps(samples: Sequence[tuple[int, float]]) -> float:
   return float(np.polyfit(steps, mb, 1)[0] * 100)
 
 
-def soak(config: ml_collections.ConfigDict, workdir: str, every: int = 50,
-         warmup: float = 0.2) -> dict:
-  """Train `config` in `workdir`, sampling RSS every `every` steps; returns the report."""
+def soak(config: ml_collections.ConfigDict, workdir: str | os.PathLike, every: int = 50,
+         warmup: float = 0.2, run_eval: bool = True) -> tuple[dict, train.TrainState]:
+  """Train `config` in `workdir`, sampling RSS every `every` steps; returns (report, final state)."""
   samples: list[tuple[int, float]] = []
 
   def sampled_iterator(config, **kwargs) -> Iterator[dict[str, np.ndarray]]:
@@ -90,7 +90,8 @@ def soak(config: ml_collections.ConfigDict, workdir: str, every: int = 50,
       step += 1
 
   start = time.perf_counter()
-  train.train_and_evaluate(config, workdir, create_train_iterator=sampled_iterator)
+  state = train.train_and_evaluate(config, workdir, run_eval=run_eval,
+                                   create_train_iterator=sampled_iterator)
   seconds = time.perf_counter() - start
   samples.append((int(config.train.num_steps), rss_mb()))
   first = int(warmup * config.train.num_steps)
@@ -104,7 +105,7 @@ def soak(config: ml_collections.ConfigDict, workdir: str, every: int = 50,
     'rss_end_mb': round(samples[-1][1], 1),
     'rss_max_mb': round(max(mb for _, mb in samples), 1),
     'samples': [[s, round(mb, 1)] for s, mb in samples],
-  }
+  }, state
 
 
 def _define_flags() -> None:
@@ -133,7 +134,7 @@ def main(argv: Sequence[str]) -> None:
       config.train.num_steps = f.steps
     else:
       config = soak_config(f.steps, f.data_dir or os.path.join(tmp, 'tfds'))
-    report = soak(config, f.workdir or os.path.join(tmp, 'workdir'), f.every, f.warmup)
+    report, _ = soak(config, f.workdir or os.path.join(tmp, 'workdir'), f.every, f.warmup)
   print(json.dumps(report), flush=True)
 
 
