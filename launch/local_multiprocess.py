@@ -7,9 +7,11 @@
 Everything after `--` goes to every process of `python -m deeplab_jax.main` (`--module` picks
 another entry point). Each process gets `XLA_FLAGS=--xla_force_host_platform_device_count=D`,
 `JAX_PLATFORMS=cpu` and `DEEPLAB_COORDINATOR_ADDRESS` / `DEEPLAB_NUM_PROCESSES` /
-`DEEPLAB_PROCESS_ID` for `deeplab_jax.distributed.initialize` (coordinator on a free localhost port),
-so the job sees N x D devices in N processes, as a multi-host pod would, with gloo CPU collectives.
-Use it to check multi-host behaviour (per-process data shards, checkpoints, metrics) without a pod.
+`DEEPLAB_PROCESS_ID` for `deeplab_jax.distributed.initialize` (coordinator on a free localhost
+port), so the job sees N x D devices in N processes, as a multi-host pod would, with gloo CPU
+collectives. Use it to check multi-host behaviour (per-process data shards, checkpoints, metrics)
+without a pod. Prepare the dataset first (a multi-process job never builds one), e.g.
+`python -c "from deeplab_jax.datasets import shapes; shapes.ensure_prepared(None)"`.
 
 Output: each line prefixed with `[pI]`, or one `process_I.log` per process with `--log_dir`. The
 launcher waits for all processes; when one fails it stops the others and exits with its status.
@@ -179,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='Write process_I.log files here instead of prefixed lines to stdout.')
   parser.add_argument('--timeout_s', type=float, default=None, help='Stop everything after this.')
   options = parser.parse_args(argv)
-  # `kill LAUNCHER` stops the job too: SystemExit unwinds through launch(), which stops the processes.
+  # `kill LAUNCHER` stops the job too: SystemExit unwinds through launch(), which stops them.
   signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   return launch(passthrough, num_processes=options.num_processes,
                 devices_per_process=options.devices_per_process or None, module=options.module,

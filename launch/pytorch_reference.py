@@ -4,9 +4,12 @@ Run (needs the `parity` extra: torch, torchvision, timm; deeplab_jax for the mul
 
     python launch/pytorch_reference.py                      # infer batch 1 and train batch 4, 513x513
     python launch/pytorch_reference.py --mode=train --batch=4 --steps=3 --threads=2
+    python launch/pytorch_reference.py --mode=infer --steps=5 --jax_impls=shift,grouped
 
 Prints one JSON object per mode with the keys of `python -m deeplab_jax.benchmark` (`compile_s` is
-the first, untimed step: PyTorch runs eagerly). The backbone is timm's `xception65` (random weights,
+the first, untimed step: PyTorch runs eagerly). On a shared machine, compare frameworks within one
+process: `--jax_impls=shift,grouped` also times the JAX model (`deeplab_jax.benchmark.prepare`),
+step by step in turn with PyTorch, and prints a JSON object per impl with `speedup_vs_torch`. The backbone is timm's `xception65` (random weights,
 `features_only`, output stride 16; its stride-4 feature feeds the decoder); ASPP (1x1, separable 3x3
 at rates 6/12/18, image pooling, concat projection, dropout 0.1) and the decoder (48-channel
 projection, two separable [3x3, 256], logits with bias) are written here. Training: SGD momentum 0.9,
@@ -127,10 +130,9 @@ def jax_multiply_adds(crop: tuple[int, int]) -> int | None:
   return int(flops.count(config, crop_size=crop)['multiply_adds'])
 
 
-def benchmark(model: nn.Module, mode: str, batch: int, crop: tuple[int, int], steps: int,
-              channels_last: bool, matmul_size: int) -> dict:
-  """Time `steps` inference passes or SGD steps on random data, each followed by a timed matmul
-  (the same machine load for both: `peak_fraction` compares like with like)."""
+def torch_step(model: nn.Module, mode: str, batch: int, crop: tuple[int, int],
+               channels_last: bool) -> Callable[[], object]:
+  """One inference pass or SGD step of `model` on fixed random data."""
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
   images = (torch.rand(batch, 3, *crop) * 2 - 1).contiguous(memory_format=memory_format)
   model = model.to(memory_format=memory_format)
@@ -140,32 +142,62 @@ def benchmark(model: nn.Module, mode: str, batch: int, crop: tuple[int, int], st
     def step():
       with torch.inference_mode():
         return model(images)
-  else:
-    model.train()
-    labels = torch.randint(0, 21, (batch, *crop))
-    labels[torch.rand(labels.shape) < 0.1] = IGNORE_LABEL
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=4e-5)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL)
+    return step
+  model.train()
+  labels = torch.randint(0, 21, (batch, *crop))
+  labels[torch.rand(labels.shape) < 0.1] = IGNORE_LABEL
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=4e-5)
+  loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL)
 
-    def step():
-      optimizer.zero_grad(set_to_none=True)
-      loss = loss_fn(model(images), labels)
-      loss.backward()
-      optimizer.step()
-      return loss
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    return loss
+  return step
 
-  first = timed(step)
-  matmul, work = matmul_reference(matmul_size)
-  times, matmul_times = [], []
+
+def jax_steps(mode: str, batch: int, crop: tuple[int, int], impls: list[str]) -> dict:
+  """{impl: deeplab_jax.benchmark.Prepared} of the base config (Xception-65 v3+ SC, OS 16)."""
+  from deeplab_jax import benchmark as jax_benchmark
+  from deeplab_jax import defaults
+  prepared = {}
+  for impl in impls:
+    config = defaults.get_base_config()
+    config.model.depthwise_impl = impl
+    config.train.crop_size = config.eval.crop_size = crop
+    prepared[impl] = jax_benchmark.prepare(config, mode, batch)
+  return prepared
+
+
+def jax_calls(calls: dict, prepared: dict, matmul_size: int) -> float:
+  """Add blocking, warmed-up calls of the `prepared` JAX steps and of the JAX reference matmul to
+  `calls`; returns the matmul's FLOP count."""
+  import jax
+
+  from deeplab_jax import benchmark as jax_benchmark
+  matmul, work = jax_benchmark.matmul_reference(matmul_size)
+  for impl, prep in prepared.items():
+    calls[f'jax_{impl}'] = lambda c=prep.call: jax.block_until_ready(c())
+    calls[f'jax_{impl}']()  # One untimed step after compilation, as the JAX benchmark does.
+  calls['jax_matmul'] = lambda: jax.block_until_ready(matmul())
+  return work
+
+
+def jax_summarise(prepared: object, times: list[float], matmul: dict) -> dict:
+  """`deeplab_jax.benchmark.summarise`: the JAX benchmark's JSON for interleaved times."""
+  from deeplab_jax import benchmark as jax_benchmark
+  return jax_benchmark.summarise(prepared, times, matmul)
+
+
+def interleaved(calls: dict[str, Callable[[], object]], steps: int) -> dict[str, list[float]]:
+  """Times of `steps` rounds, each calling every entry of `calls` once, in order."""
+  times = {name: [] for name in calls}
   for _ in range(steps):
-    times.append(timed(step))
-    matmul_times.append(timed(matmul))
-  median = statistics.median(times)
-  return {'mode': mode, 'batch': batch, 'crop_size': list(crop), 'compile_s': first,
-          'steps': steps, 'step_time_median_s': median, 'step_time_min_s': min(times),
-          'images_per_s': batch / median, 'matmul_size': matmul_size,
-          'matmul_flops_per_s': work / statistics.median(matmul_times),
-          'matmul_flops_per_s_max': work / min(matmul_times)}
+    for name, call in calls.items():
+      times[name].append(timed(call))
+  return times
 
 
 def main() -> None:
@@ -177,6 +209,9 @@ def main() -> None:
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--channels_last', action='store_true')
   parser.add_argument('--matmul_size', type=int, default=2048)
+  parser.add_argument('--jax_impls', default='',
+                      help='e.g. "shift,grouped": also time the JAX model with these depthwise '
+                           'impls, interleaved step by step with PyTorch in this process')
   args = parser.parse_args()
 
   torch.set_num_threads(args.threads)
@@ -185,18 +220,35 @@ def main() -> None:
   model = DeepLabV3Plus()
   macs_torch = torch_multiply_adds(model, crop)
   macs = jax_multiply_adds(crop)
+  impls = [i for i in args.jax_impls.split(',') if i]
   for mode in ('infer', 'train') if args.mode == 'both' else (args.mode,):
     batch = args.batch or (1 if mode == 'infer' else 4)
-    result = benchmark(model, mode, batch, crop, args.steps, args.channels_last, args.matmul_size)
+    step = torch_step(model, mode, batch, crop, args.channels_last)
+    first = timed(step)
+    prepared = jax_steps(mode, batch, crop, impls)
+    torch_matmul, work = matmul_reference(args.matmul_size)
+    calls = {'torch': step, 'torch_matmul': torch_matmul}
+    if prepared:
+      jax_work = jax_calls(calls, prepared, args.matmul_size)
+    times = interleaved(calls, args.steps)
+    median = statistics.median(times['torch'])
+    images_per_s = batch / median
+    matmul_flops_per_s = work / statistics.median(times['torch_matmul'])
     passes = 3 if mode == 'train' else 1
-    flops_per_s = 2.0 * (macs or macs_torch) * passes * result['images_per_s']
+    flops_per_s = 2.0 * (macs or macs_torch) * passes * images_per_s
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result.update({
+    result = {
+        'mode': mode, 'batch': batch, 'crop_size': list(crop),
         'framework': f'torch {torch.__version__}, timm {timm.__version__}',
         'device': f'cpu:{platform.processor() or platform.machine()}',
         'device_count': 1,
         'threads': torch.get_num_threads(),
         'channels_last': args.channels_last,
+        'compile_s': first,
+        'steps': args.steps,
+        'step_time_median_s': median,
+        'step_time_min_s': min(times['torch']),
+        'images_per_s': images_per_s,
         'peak_memory_bytes': rss if sys.platform == 'darwin' else rss * 1024,
         'peak_memory_source': 'process_peak_rss (whole run so far)',
         'multiply_adds': macs,
@@ -205,11 +257,23 @@ def main() -> None:
         'flops_convention': ('train: 2 * multiply_adds * 3 (forward + backward = 3 forward '
                              'passes) per image' if mode == 'train'
                              else 'infer: 2 * multiply_adds per image'),
-        'peak_fraction': flops_per_s / result['matmul_flops_per_s'],
+        'matmul_size': args.matmul_size,
+        'matmul_flops_per_s': matmul_flops_per_s,
+        'matmul_flops_per_s_max': work / min(times['torch_matmul']),
+        'peak_fraction': flops_per_s / matmul_flops_per_s,
+        'interleaved_with': [f'jax_{impl}' for impl in impls],
         'load_average': list(os.getloadavg()),
-    })
+    }
     assert all(math.isfinite(v) for v in result.values() if isinstance(v, float))
     print(json.dumps(result), flush=True)
+    for impl, prep in prepared.items():
+      jax_times = times[f'jax_{impl}']
+      jax_result = jax_summarise(prep, jax_times, {
+          'size': args.matmul_size, 'median': jax_work / statistics.median(times['jax_matmul']),
+          'max': jax_work / min(times['jax_matmul'])})
+      jax_result['framework'] = 'jax (deeplab_jax), interleaved with torch'
+      jax_result['speedup_vs_torch'] = median / statistics.median(jax_times)
+      print(json.dumps(jax_result), flush=True)
 
 
 if __name__ == '__main__':

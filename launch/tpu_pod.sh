@@ -16,7 +16,8 @@
 #   prepare  build the embedded deeplab_shapes dataset into DATA_DIR (once, from worker 0)
 #   train    python -m deeplab_jax.main --mode=train_and_eval --workdir=$WORKDIR ... on all workers
 #   eval     python -m deeplab_jax.main --mode=eval ... on all workers
-#   ssh      run the remaining arguments as a shell command on all workers (e.g. `ssh pkill -f main`)
+#   ssh      run the remaining arguments as a shell command on all workers
+#            (e.g. `launch/tpu_pod.sh ssh 'pgrep -af deeplab_jax'`)
 #   delete   delete the slice
 # Arguments after the step go to deeplab_jax.main (train/eval). Rerunning `train` resumes from the
 # latest checkpoint in WORKDIR. Logs: ~/deeplab_<mode>.log on every worker, also streamed here.
@@ -80,7 +81,8 @@ git -C $REMOTE_DIR checkout -q $REF; fi"
     git -C "$root" archive --format=tar.gz -o "$archive" HEAD
     "${GCLOUD[@]}" scp "$archive" "$TPU_NAME":deeplab_jax.tar.gz "${WHERE[@]}" --worker=all
     rm -rf "$(dirname "$archive")"
-    get_code="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf deeplab_jax.tar.gz -C $REMOTE_DIR"
+    get_code="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && \
+tar -xzf deeplab_jax.tar.gz -C $REMOTE_DIR"
   fi
   on_all_workers "set -e
     command -v python3.11 >/dev/null || { sudo apt-get update -qq && \

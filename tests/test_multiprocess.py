@@ -1,10 +1,10 @@
 """Multi-process training: 2 processes x 2 CPU devices train and evaluate exactly as 1 process x 4.
 
-The 2x2 job is `python -m deeplab_jax.main` started by `launch/local_multiprocess.py` (which sets the
-`DEEPLAB_*` variables that `deeplab_jax.distributed.initialize` reads; gloo CPU collectives over
+The 2x2 job is `python -m deeplab_jax.main` started by `launch/local_multiprocess.py` (which sets
+the `DEEPLAB_*` variables that `deeplab_jax.distributed.initialize` reads; gloo CPU collectives over
 localhost). The reference runs meanwhile in this process (conftest forces 4 CPU devices) on the
-same global batches: rows [0, B/2) from process 0's shard and [B/2, B) from process 1's, as the 2x2 job
-assembles them. Both read the embedded `deeplab_shapes/tiny` dataset, prepared once beforehand.
+same global batches: rows [0, B/2) from process 0's shard and [B/2, B) from process 1's, as the 2x2
+job assembles them. Both read the embedded `deeplab_shapes/tiny` dataset, prepared once beforehand.
 
 The backbone's BatchNorm is frozen in this comparison (the head's BatchNorm still trains with
 statistics over the global batch, across processes): at initialisation on 33x33 crops of the flat
@@ -117,7 +117,8 @@ def runs(data_dir, tmp_path_factory) -> Runs:
   assert jax.device_count() == 4 and jax.process_count() == 1  # conftest forces 4 CPU devices.
   root = tmp_path_factory.mktemp('multiprocess')
   mp_workdir, log_dir, single_workdir = root / '2x2', root / 'logs', root / '1x4'
-  args = [f'--config={CONFIG_FILE}', f'--workdir={mp_workdir}', f'--config.data.data_dir={data_dir}']
+  args = [f'--config={CONFIG_FILE}', f'--workdir={mp_workdir}',
+          f'--config.data.data_dir={data_dir}']
   args += [f'--config.{k}={_cli_value(v)}' for k, v in OVERRIDES.items()]
   job = subprocess.Popen(
       [sys.executable, str(LAUNCHER), '--num_processes=2', '--devices_per_process=2',

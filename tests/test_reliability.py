@@ -1,11 +1,11 @@
 """Reliability: graceful stop on SIGTERM / SIGINT, kill -9 (also mid checkpoint write), exact resume,
-non-finite loss, flat host memory.
+non-finite loss, flat host memory, multi-process stop agreement.
 
 One tiny config (a file, as `main.py` reads it) on `deeplab_shapes/tiny`, trained through the real
-input pipeline. An uninterrupted in-process run of 200 steps is both the memory soak (RSS sampled every
-20 steps, checkpoints every 25) and the reference: interrupted-and-resumed runs must reproduce its
-per-step losses and final parameters to 1e-6. Every run compiles the same train step, shared through
-JAX's persistent compilation cache (subprocesses included), so it is compiled once.
+input pipeline. An uninterrupted in-process run of 200 steps is both the memory soak (live memory
+sampled every 20 steps, checkpoints every 25) and the reference: interrupted-and-resumed runs must
+reproduce its per-step losses and final parameters to 1e-6. Every run compiles the same train step,
+shared through JAX's persistent compilation cache (subprocesses included), so it compiles once.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from deeplab_jax import checkpoint, input_pipeline, metrics, soak, train
+from deeplab_jax import checkpoint, input_pipeline, metrics, preemption, soak, train
 from deeplab_jax.datasets import shapes
 
 NUM_STEPS = 200
@@ -285,3 +286,59 @@ def test_overflowing_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(se
   assert checkpoint.available_steps(workdir) == [2, 4]
   variables, _ = checkpoint.restore_variables(workdir)
   assert all(np.isfinite(v).all() for v in jax.tree.leaves(variables))
+
+
+def test_a_second_signal_takes_the_default_action():
+  before = signal.getsignal(signal.SIGINT)
+  with preemption.StopSignals() as stop:
+    assert not stop.should_stop(1)
+    signal.raise_signal(signal.SIGINT)
+    assert stop.received == 'SIGINT' and stop.should_stop(2)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice: stop now.
+      signal.raise_signal(signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+STOP_LOOP = """
+import sys, time
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from deeplab_jax import preemption
+with preemption.StopSignals(sync_every=5) as stop:
+  print('ready', flush=True)
+  for step in range(1, 600):
+    time.sleep(0.05)  # A training step.
+    if stop.should_stop(step):
+      print(f'stop {step} {stop.received}', flush=True)
+      break
+"""
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_processes_of_a_multiprocess_job_stop_at_the_same_step(sig):
+  """A signal to one process stops all of them after the same step (else collectives would hang):
+  SIGTERM through JAX's preemption sync manager, SIGINT at the next `sync_every` step."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    address = f'127.0.0.1:{s.getsockname()[1]}'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', PYTHONUNBUFFERED='1')
+  procs = [subprocess.Popen([sys.executable, '-c', STOP_LOOP, address, str(i)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  try:
+    for p in procs:
+      while (line := p.stdout.readline()) and line.strip() != 'ready':
+        pass
+      assert line, p.communicate()[0][-2000:]
+    procs[1].send_signal(sig)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  stops = [[line.split() for line in out.splitlines() if line.startswith('stop ')] for out in outputs]
+  assert all(len(s) == 1 for s in stops), outputs
+  assert stops[0][0][1] == stops[1][0][1], stops  # The same step on both.
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  if sig == signal.SIGINT:
+    assert int(stops[0][0][1]) % 5 == 0

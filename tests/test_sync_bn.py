@@ -32,12 +32,14 @@ def _assert_trees_close(a, b, name, rtol, atol):
 
 
 def test_four_devices_equal_one_device():
-  """Loss, BN statistics and updated params agree to 1e-5; gradients to float32 noise.
+  """Loss, pixel accuracy and BN statistics agree to 1e-5; gradients and params to float32 noise.
 
-  The 4-device step sums per-device partial sums, the 1-device step sums in one go: float32
-  rounding differs by ~1e-7, and backpropagation through ~50 BatchNorm layers of a random tiny
-  network amplifies that to ~1e-4 relative in the earliest gradients (a non-synchronised BN, with
-  per-device statistics over one image each, would differ by O(1)).
+  The 4-device step adds per-device partial sums, the 1-device step sums in one go. The rounding
+  differences (~1e-7) grow through backpropagation over ~50 BatchNorm layers of a random tiny
+  network: measured here, gradients differ by up to 2.2e-4 (largest gradient 1.4), the updated
+  params by 2.3e-5 (lr 0.05) and the gradient norm by 8e-5 relative; merely permuting the batch on
+  1 device (no dropout) moves gradients by 1.4e-4 and the norm by 1e-5. A non-synchronised BN
+  (statistics over one image per device) would differ by O(1).
   """
   assert jax.device_count() == 4  # conftest forces 4 CPU devices.
   config = tiny_config()
@@ -49,12 +51,12 @@ def test_four_devices_equal_one_device():
   for k in metrics4:
     rtol = 5e-4 if k == 'train/grad_norm' else 1e-5
     np.testing.assert_allclose(metrics4[k], metrics1[k], rtol=rtol, err_msg=k)
-  _assert_trees_close(four.params, one.params, 'params', rtol=1e-5, atol=1e-5)
+  _assert_trees_close(four.params, one.params, 'params', rtol=1e-5, atol=1e-4)
   _assert_trees_close(four.batch_stats, one.batch_stats, 'batch_stats', rtol=1e-5, atol=1e-5)
   # After one step the momentum trace is the gradient (+ weight decay).
   grads4, grads1 = four.opt_state, one.opt_state
   scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads1))
-  _assert_trees_close(grads4, grads1, 'gradients', rtol=1e-3, atol=1e-4 * scale)
+  _assert_trees_close(grads4, grads1, 'gradients', rtol=1e-3, atol=5e-4 * scale)
   # The statistics moved from their initial values: these were real batch-statistics updates,
   # over the global batch (a per-device mean over 1 image each would differ).
   old = traverse_util.flatten_dict(variables['batch_stats'], sep='/')

@@ -9,6 +9,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from test_train import fake_train_iterator, random_variables, tiny_config
 
 from deeplab_jax import checkpoint, defaults, train
 from deeplab_jax.validate import ConfigError, validate_config
@@ -183,3 +184,41 @@ def test_shipped_configs_are_valid(name):
   config = module.get_config()
   check(config, devices=1)
   check(train.apply_smoke(config), devices=1)
+
+
+def test_training_validates_before_compiling(tmp_path):
+  config = tiny_config()
+  config.model.output_stride = 12
+  with pytest.raises(ConfigError, match='config.model.output_stride=12'):
+    train.train_and_evaluate(config, tmp_path / 'wd', create_train_iterator=fake_train_iterator)
+  assert not (tmp_path / 'wd').exists()  # Failed before touching the workdir.
+
+
+def test_a_checkpoint_of_another_model_names_its_source_and_the_fix(tmp_path):
+  """Found on restore (the shapes come from the checkpoint's metadata), before the step compiles."""
+  config = tiny_config()
+  other = tiny_config()
+  other.model.aspp_channels = 32
+  checkpoint.save_variables(tmp_path / 'other', random_variables(other), step=1)
+  config.init_from = str(tmp_path / 'other')
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      r"^config.init_from='.*other': Checkpoint .*other/checkpoints/1 does not fit the model: "
+      r'params/aspp0/\S+ has shape .* Fix: make config.model match the checkpoint .* Or point '
+      r'config.init_from at a checkpoint of this model')):
+    train.train_and_evaluate(config, tmp_path / 'wd', run_eval=False,
+                             create_train_iterator=fake_train_iterator)
+  # A workdir with a training checkpoint of another model: the rerun names the workdir.
+  config.init_from = None
+  manager = checkpoint.create_manager(tmp_path / 'old_run')
+  try:
+    checkpoint.save_tree(manager, 3, {**random_variables(other), 'step': np.int32(3),
+                                      'opt_state': {'mu': np.zeros(3, np.float32)},
+                                      'rng': np.zeros(2, np.uint32)})
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  with pytest.raises(checkpoint.CheckpointError, match=(
+      r'^--workdir=.*old_run: Checkpoint .*old_run/checkpoints/3 does not fit the model: '
+      r'params/aspp0/\S+ has shape .* Or start this model in a new --workdir\.$')):
+    train.train_and_evaluate(config, tmp_path / 'old_run', run_eval=False,
+                             create_train_iterator=fake_train_iterator)

@@ -54,11 +54,17 @@ def _resolve(path: str | os.PathLike, step: int | None) -> tuple[str, int | None
 
 
 def _steps_in(directory: str) -> list[int]:
-  """Finished step directories (orbax writes to a temporary name and renames at the end)."""
+  """Finished step directories: never a checkpoint whose write was cut short (kill -9, preemption).
+
+  On a local file system orbax writes `<step>.orbax-checkpoint-tmp-<n>` and renames it to `<step>` as
+  its last act; where renames are not atomic (e.g. GCS) it writes `<step>` and marks it finished with
+  `commit_success.txt`. `is_path_finalized` knows both.
+  """
   if not os.path.isdir(directory):
     return []
   return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name)))
+                if name.isdigit() and os.path.isdir(os.path.join(directory, name))
+                and ocp.path.step.is_path_finalized(os.path.join(directory, name)))
 
 
 def available_steps(path: str | os.PathLike) -> list[int]:
@@ -87,7 +93,7 @@ def create_manager(path: str | os.PathLike, *, keep: int = 3, keep_best: bool = 
     policies.append(ocp.checkpoint_managers.BestN(
         get_metric_fn=_best_metric, reverse=False, n=1, keep_checkpoints_without_metrics=False))
   options = ocp.CheckpointManagerOptions(
-      create=True, best_fn=best_fn, best_mode='max',
+      create=True, cleanup_tmp_directories=True, best_fn=best_fn, best_mode='max',
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(checkpoint_dir(path), options=options,

@@ -1,12 +1,12 @@
 """Multi-process (multi-host) start-up: one call to `jax.distributed.initialize`, or none.
 
-Every process of a multi-host job (a Cloud TPU pod slice, SLURM tasks on GPU nodes, or N processes on
-one machine) runs the same program and calls `initialize()` before anything touches a device. Where
-the process layout comes from, first match wins:
+Every process of a multi-host job (a Cloud TPU pod slice, SLURM tasks on GPU nodes, or N processes
+on one machine) runs the same program and calls `initialize()` before anything touches a device.
+Where the process layout comes from, first match wins:
 
 1. arguments (main.py's `--coordinator_address`, `--num_processes`, `--process_id`);
-2. environment variables `DEEPLAB_COORDINATOR_ADDRESS`, `DEEPLAB_NUM_PROCESSES`, `DEEPLAB_PROCESS_ID`
-   (what `launch/local_multiprocess.py` sets);
+2. environment variables `DEEPLAB_COORDINATOR_ADDRESS`, `DEEPLAB_NUM_PROCESSES`,
+   `DEEPLAB_PROCESS_ID` (what `launch/local_multiprocess.py` sets);
 3. the cluster: on a Cloud TPU pod, under SLURM `srun` or Open MPI, plain
    `jax.distributed.initialize()` finds the coordinator, process count and id itself.
 

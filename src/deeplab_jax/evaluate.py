@@ -103,6 +103,38 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate(rows)
 
 
+def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], confusion: jax.Array,
+              *, model: nn.Module, num_classes: int, scales: tuple[float, ...],
+              flip: bool) -> tuple[jax.Array, jax.Array]:
+  """Add a batch's (label, prediction) counts to `confusion`; also return the predictions."""
+  probs, _ = predict(model, variables, batch['image'], scales, flip)
+  prediction = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  mask = batch['valid'][:, None, None] & (batch['label'] != IGNORE_LABEL)
+  return confusion + metrics.confusion_matrix(batch['label'], prediction, num_classes,
+                                              mask), prediction
+
+
+_EVAL_STEPS: dict[tuple[str, jax.sharding.Mesh], Callable] = {}
+_MAX_EVAL_STEPS = 4
+
+
+def _eval_step_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
+  """`eval_step` of `config` jitted on `mesh`, once per process (reruns reuse the compilation)."""
+  key = (json.dumps({'model': config.model.to_dict(), 'eval': config.eval.to_dict()},
+                    sort_keys=True, default=str), mesh)
+  if key not in _EVAL_STEPS:
+    output_stride = config.eval.get('output_stride') or config.model.output_stride
+    step = functools.partial(
+        eval_step, model=models.build_model(config.model, output_stride),
+        num_classes=config.model.num_classes, scales=tuple(float(s) for s in config.eval.scales),
+        flip=bool(config.eval.flip))
+    if len(_EVAL_STEPS) >= _MAX_EVAL_STEPS:
+      _EVAL_STEPS.pop(next(iter(_EVAL_STEPS)))
+    _EVAL_STEPS[key] = jax.jit(step, donate_argnums=(2,), out_shardings=(
+        sharding.replicated(mesh), sharding.batch_sharding(mesh)))
+  return _EVAL_STEPS[key]
+
+
 class Evaluator:
   """Evaluates model variables on `config.data.eval_split`; compiled once, reused across steps."""
 
@@ -113,21 +145,9 @@ class Evaluator:
     self.class_names = tuple(class_names)
     self.num_classes = config.model.num_classes
     self.output_stride = config.eval.get('output_stride') or config.model.output_stride
-    self.model = models.build_model(config.model, self.output_stride)
     sharding.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
     self._create_eval_iterator = create_eval_iterator or input_pipeline.create_eval_iterator
-    replicated = sharding.replicated(mesh)
-    self._step = jax.jit(self._eval_step, donate_argnums=(2,),
-                         out_shardings=(replicated, sharding.batch_sharding(mesh)))
-
-  def _eval_step(self, variables: Mapping[str, Any], batch: Mapping[str, jax.Array],
-                 confusion: jax.Array) -> tuple[jax.Array, jax.Array]:
-    probs, _ = predict(self.model, variables, batch['image'], tuple(self.config.eval.scales),
-                       bool(self.config.eval.flip))
-    prediction = jnp.argmax(probs, axis=-1).astype(jnp.int32)
-    mask = batch['valid'][:, None, None] & (batch['label'] != IGNORE_LABEL)
-    return confusion + metrics.confusion_matrix(batch['label'], prediction, self.num_classes,
-                                                mask), prediction
+    self._step = _eval_step_program(config, mesh)
 
   def _batches(self) -> Iterator[dict[str, np.ndarray]]:
     """Local batches of exactly the local batch size (the iterator applies `eval.num_images`)."""

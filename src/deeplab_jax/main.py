@@ -18,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deeplab_jax import distributed, evaluate, train
+from deeplab_jax import distributed, evaluate, train, validate
 
 MODES = ('train_and_eval', 'train', 'eval')
 
@@ -44,6 +44,7 @@ def main(argv: Sequence[str]) -> None:
                jax.local_devices())
   config = train.apply_smoke(_CONFIG.value)
   if _MODE.value == 'eval':
+    validate.validate_config(config, mode='eval')  # Training validates in train_and_evaluate.
     result = evaluate.evaluate_checkpoint(config, _WORKDIR.value)
     logging.info('mIoU %.4f at step %d', result['miou'], result['step'])
   else:

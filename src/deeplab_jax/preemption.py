@@ -85,10 +85,6 @@ class StopSignals:
     # A raw write: `print` / logging from a handler that interrupted them can fail (reentrant I/O).
     os.write(2, f'{name} received: stopping after the current step with a checkpoint.\n'.encode())
 
-  def request(self, name: str = 'request') -> None:
-    """Ask for a stop as a signal would (for callers with their own stop condition)."""
-    self.received = self.received or name
-
   def should_stop(self, step: int) -> bool:
     """Whether to checkpoint and stop after `step`; the same answer on every process.
 

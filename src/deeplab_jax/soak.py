@@ -3,15 +3,18 @@
   python -m deeplab_jax.soak --steps=1000 [--config=configs/shapes.py --config.x=...] [--every=50]
 
 Runs `train.train_and_evaluate` (logging, checkpointing, periodic evaluation and the tf.data input
-pipeline all included) and samples this process's resident memory (RSS) as the loop asks for each
-`--every`-th batch. Prints one JSON line: the samples, and the least-squares slope of RSS over the
-steps after warm-up (`slope_mb_per_100_steps`; the first `--warmup` fraction of the run is compile
-and cache filling, not a leak). Without `--config` it trains a tiny DeepLab on `deeplab_shapes/tiny`
-(built on first use under `--data_dir`), checkpointing every 50 steps and evaluating every 100.
+pipeline all included) and samples this process's resident anonymous memory (`anon_rss_mb`) as the
+loop asks for each `--every`-th batch. Prints one JSON line: the samples, and the least-squares slope
+over the steps after warm-up (`slope_mb_per_100_steps`; the first `--warmup` fraction of the run is
+compilation and cache filling, not a leak). Without `--config` it trains a tiny DeepLab on
+`deeplab_shapes/tiny` (built on first use under `--data_dir`), checkpointing every 50 steps and
+evaluating every 100.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import tempfile
@@ -57,13 +60,25 @@ def soak_config(steps: int, data_dir: str | None = None) -> ml_collections.Confi
   return c
 
 
-def rss_mb() -> float:
-  """This process's resident set size in MB (Linux /proc; elsewhere the peak from getrusage)."""
+def anon_rss_mb() -> float:
+  """This process's live anonymous memory (heap, arenas, anonymous maps) in MB.
+
+  Garbage is collected and glibc's free pages are returned to the OS first: otherwise the allocator's
+  free lists grow and shrink in a saw-tooth of hundreds of MB that hides (or fakes) a slow leak. Not
+  the whole RSS either: that also counts pages of mapped files (the XLA and TensorFlow libraries),
+  which the kernel drops under memory pressure and faults back in later. Linux only (/proc);
+  elsewhere the peak RSS from getrusage.
+  """
+  gc.collect()
   try:
-    with open('/proc/self/statm') as f:
-      pages = int(f.read().split()[1])
-    return pages * os.sysconf('SC_PAGE_SIZE') / 2**20
-  except (OSError, ValueError, IndexError):
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):  # Not glibc.
+    pass
+  try:
+    with open('/proc/self/status') as f:
+      fields = dict(line.split(':', 1) for line in f if ':' in line)
+    return int(fields['RssAnon'].split()[0]) / 1024
+  except (OSError, KeyError, ValueError):
     import resource  # noqa: PLC0415
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -78,14 +93,14 @@ def slope_per_100_steps(samples: Sequence[tuple[int, float]]) -> float:
 
 def soak(config: ml_collections.ConfigDict, workdir: str | os.PathLike, every: int = 50,
          warmup: float = 0.2, run_eval: bool = True) -> tuple[dict, train.TrainState]:
-  """Train `config` in `workdir`, sampling RSS every `every` steps; returns (report, final state)."""
+  """Train `config` in `workdir`, sampling memory every `every` steps; returns (report, state)."""
   samples: list[tuple[int, float]] = []
 
   def sampled_iterator(config, **kwargs) -> Iterator[dict[str, np.ndarray]]:
     step = kwargs.get('start_step', 0)
     for batch in input_pipeline.create_train_iterator(config, **kwargs):
       if step % every == 0:  # Before step + 1 runs: everything up to `step` is done.
-        samples.append((step, rss_mb()))
+        samples.append((step, anon_rss_mb()))
       yield batch
       step += 1
 
@@ -93,7 +108,7 @@ def soak(config: ml_collections.ConfigDict, workdir: str | os.PathLike, every: i
   state = train.train_and_evaluate(config, workdir, run_eval=run_eval,
                                    create_train_iterator=sampled_iterator)
   seconds = time.perf_counter() - start
-  samples.append((int(config.train.num_steps), rss_mb()))
+  samples.append((int(config.train.num_steps), anon_rss_mb()))
   first = int(warmup * config.train.num_steps)
   steady = [s for s in samples if s[0] >= first]
   return {
@@ -101,9 +116,9 @@ def soak(config: ml_collections.ConfigDict, workdir: str | os.PathLike, every: i
     'seconds': round(seconds, 1),
     'warmup_steps': first,
     'slope_mb_per_100_steps': round(slope_per_100_steps(steady), 3),
-    'rss_after_warmup_mb': round(steady[0][1], 1) if steady else None,
-    'rss_end_mb': round(samples[-1][1], 1),
-    'rss_max_mb': round(max(mb for _, mb in samples), 1),
+    'anon_rss_after_warmup_mb': round(steady[0][1], 1) if steady else None,
+    'anon_rss_end_mb': round(samples[-1][1], 1),
+    'anon_rss_max_mb': round(max(mb for _, mb in samples), 1),
     'samples': [[s, round(mb, 1)] for s, mb in samples],
   }, state
 
@@ -116,7 +131,7 @@ def _define_flags() -> None:
     'config', None, 'Config file (default: a tiny model on deeplab_shapes/tiny); '
     '--config.train.num_steps is replaced by --steps.', lock_config=False)
   flags.DEFINE_integer('steps', 1000, 'Training steps.')
-  flags.DEFINE_integer('every', 50, 'Steps between RSS samples.')
+  flags.DEFINE_integer('every', 50, 'Steps between memory samples.')
   flags.DEFINE_float('warmup', 0.2, 'Fraction of the steps left out of the slope.')
   flags.DEFINE_string('workdir', None, 'Workdir (default: a fresh temporary directory).')
   flags.DEFINE_string('data_dir', None, 'TFDS data_dir for the default config (default: a '

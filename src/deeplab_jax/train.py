@@ -9,11 +9,14 @@ good checkpoint kept and the bad state never saved.
 
 A rerun with the same workdir resumes from the latest checkpoint: step, params, optimizer state,
 BatchNorm statistics and rng; the input pipeline restarts at that step, so the continued run matches
-an uninterrupted one.
+an uninterrupted one. SIGTERM (preemption) or SIGINT ends the run after the current step with a
+checkpoint that is durable on return (see `preemption`). The config is checked before anything is
+compiled (see `validate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -37,7 +40,9 @@ from deeplab_jax import (
     metrics,
     models,
     optim,
+    preemption,
     sharding,
+    validate,
 )
 
 TrainIteratorFn = Callable[..., Iterator[Mapping[str, np.ndarray]]]
@@ -82,20 +87,26 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 INIT_SIZE = 65  # Parameter shapes do not depend on the input size: initialise on a small one.
 
 
-def init_variables(model: nn.Module, rng: jax.Array, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-  """Fresh `{'params', 'batch_stats'}`, replicated over `mesh`."""
+def _init_program(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable[[jax.Array], dict]:
+  """Compiled `rng -> {'params', 'batch_stats'}`, replicated over `mesh`."""
   x = jnp.zeros((1, INIT_SIZE, INIT_SIZE, 3), jnp.float32)
 
-  def init() -> dict[str, Any]:
+  def init(rng: jax.Array) -> dict[str, Any]:
     variables = model.init({'params': rng, 'dropout': rng}, x, train=False)
     return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
-  init = jax.jit(init, out_shardings=sharding.replicated(mesh))
+  lowered = jax.jit(init, out_shardings=sharding.replicated(mesh)).lower(
+      jax.ShapeDtypeStruct((2,), jnp.uint32))
   if jax.default_backend() == 'cpu':
     # Initialisation runs once, and XLA:CPU spends most of its compile time optimising the
     # hundreds of truncated-normal initialisers: compile it without backend optimisation.
-    return init.lower().compile(compiler_options={'xla_backend_optimization_level': 0})()
-  return init()
+    return lowered.compile(compiler_options={'xla_backend_optimization_level': 0})
+  return lowered.compile()
+
+
+def init_variables(model: nn.Module, rng: jax.Array, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Fresh `{'params', 'batch_stats'}` from a raw `jax.random.PRNGKey`, replicated over `mesh`."""
+  return _init_program(model, mesh)(rng)
 
 
 def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransformation,
@@ -159,6 +170,34 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   return jax.jit(step, donate_argnums=(0,),
                  in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),
                  out_shardings=(replicated, replicated))
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """What one config needs on one mesh: the model, the optimizer and their compiled functions."""
+
+  model: nn.Module
+  tx: optax.GradientTransformation
+  init: Callable[[jax.Array], dict[str, Any]]
+  train_step: Callable
+
+
+_PROGRAMS: dict[tuple[str, jax.sharding.Mesh], Programs] = {}
+_MAX_PROGRAMS = 4
+
+
+def programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Programs:
+  """`Programs` of `config` on `mesh`, built once per process: a rerun in the same process (a
+  resumed run, a notebook) traces and compiles nothing again."""
+  key = (config.to_json_best_effort(sort_keys=True), mesh)
+  if key not in _PROGRAMS:
+    model = models.build_model(config.model)
+    init = _init_program(model, mesh)
+    tx = optim.create_optimizer(config, init.out_info['params'])
+    if len(_PROGRAMS) >= _MAX_PROGRAMS:
+      _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    _PROGRAMS[key] = Programs(model, tx, init, make_train_step(config, model, tx, mesh))
+  return _PROGRAMS[key]
 
 
 def _checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
@@ -242,6 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   `deeplab_jax.input_pipeline`'s. Returns the final state.
   """
   config = apply_smoke(config)
+  validate.validate_config(config, mode='train_and_eval' if run_eval else 'train')
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   class_names = evaluate.dataset_class_names(config)
@@ -250,10 +290,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   writer = metrics.create_writer(workdir)
   manager = checkpoint.create_manager(workdir, keep=config.train.keep_checkpoints)
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), preemption.StopSignals(sync_every=config.train.log_every) as stop:
       return _train(config, workdir, mesh, writer, manager, class_names, run_eval, stop_at_step,
                     create_train_iterator or input_pipeline.create_train_iterator,
-                    create_eval_iterator)
+                    create_eval_iterator, stop)
   finally:
     manager.wait_until_finished()
     manager.close()
@@ -264,25 +304,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh,
            writer: metric_writers.MetricWriter, manager: Any, class_names: tuple[str, ...],
            run_eval: bool, stop_at_step: int | None, create_train_iterator: TrainIteratorFn,
-           create_eval_iterator: evaluate.EvalIteratorFn | None) -> TrainState:
-  """The body of `train_and_evaluate`: set up or restore the state, then the step loop."""
+           create_eval_iterator: evaluate.EvalIteratorFn | None,
+           stop: preemption.StopSignals) -> TrainState:
+  """The body of `train_and_evaluate`: set up or restore the state, then the step loop.
+
+  `stop.should_stop(step)` is asked after every step (a host-side flag; `preemption` explains how
+  processes agree). When it says so, that step is checkpointed, without an evaluation, and the loop
+  returns once the checkpoint is durable.
+  """
   t = config.train
-  model = models.build_model(config.model)
+  compiled = programs(config, mesh)
+  tx = compiled.tx
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(t.seed))
-  variables = init_variables(model, init_rng, mesh)
-  tx = optim.create_optimizer(config, variables['params'])
-  state = create_train_state(variables, tx, mesh)
+  state = create_train_state(compiled.init(init_rng), tx, mesh)
   train_rng = jax.device_put(train_rng, sharding.replicated(mesh))
   steps = checkpoint.available_steps(workdir)
   resumable = [s for s in steps if any(k.startswith('opt_state/')
                                        for k in checkpoint.stored_shapes(workdir, s))]
-  if resumable:
-    logging.info('Resuming from checkpoint step %d in %s.', resumable[-1], workdir)
-    state, train_rng = _restore_state(manager, resumable[-1], state, train_rng, mesh)
-  elif steps:  # Variables only (e.g. converted weights saved into the workdir): start from them.
-    state = initialise_from(config, state, workdir, mesh, steps[-1])
-  elif config.get('init_from'):
-    state = initialise_from(config, state, config.init_from, mesh)
+  if steps:  # Where the checkpoint came from and the fix, for a checkpoint of another model.
+    source = (f'--workdir={workdir}', 'Or start this model in a new --workdir.')
+  else:
+    source = (f'config.init_from={config.get("init_from")!r}',
+              'Or point config.init_from at a checkpoint of this model (or of its backbone).')
+  try:
+    if resumable:
+      logging.info('Resuming from checkpoint step %d in %s.', resumable[-1], workdir)
+      state, train_rng = _restore_state(manager, resumable[-1], state, train_rng, mesh)
+    elif steps:  # Variables only (e.g. converted weights saved into the workdir): start from them.
+      state = initialise_from(config, state, workdir, mesh, steps[-1])
+    elif config.get('init_from'):
+      state = initialise_from(config, state, config.init_from, mesh)
+  except checkpoint.CheckpointError as e:
+    raise checkpoint.CheckpointError(f'{source[0]}: {e} {source[1]}') from None
   start_step = int(jax.device_get(state.step))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logging.info('Model %s: %d parameters; training steps %d..%d on %d devices.',
@@ -290,7 +343,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
   if jax.process_index() == 0 and start_step == 0:
     writer.write_hparams(_flat_hparams(config))
 
-  step_fn = make_train_step(config, model, tx, mesh)
+  step_fn = compiled.train_step
   evaluator = (evaluate.Evaluator(config, mesh, class_names, create_eval_iterator)
                if run_eval else None)
   train_iter = create_train_iterator(
@@ -311,8 +364,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
       batch = sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
       state, step_metrics = step_fn(state, batch, train_rng)
     pending.append(step_metrics)
-    is_last = step == last_step
-    do_eval = evaluator is not None and (step % config.eval.every == 0 or step == t.num_steps)
+    stopping = stop.should_stop(step)
+    is_last = step == last_step or stopping
+    do_eval = evaluator is not None and not stopping and (
+        step % config.eval.every == 0 or step == t.num_steps)
     do_save = step % t.checkpoint_every == 0 or is_last or do_eval
     if step % t.log_every == 0 or is_last:
       _write_train_metrics(writer, step, pending)  # Waits for the step: a true steps/s below.
@@ -330,6 +385,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
     if do_save:
       with report.timed('checkpoint'):
         checkpoint.save_tree(manager, step, _checkpoint_tree(state, train_rng), eval_metrics)
+    if stopping:
+      manager.wait_until_finished()
+      logging.info('Stopped by %s after step %d: checkpoint %d is saved in %s; rerun the same '
+                   'command to resume.', stop.received, step, step,
+                   checkpoint.checkpoint_dir(workdir))
+      return state
   if evaluator is not None and start_step >= last_step == t.num_steps:
     # Rerun of a finished job: evaluate its final checkpoint again instead of doing nothing.
     evaluator({'params': state.params, 'batch_stats': state.batch_stats}, start_step, writer,
