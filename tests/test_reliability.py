@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-pytestmark = pytest.mark.skip(reason='In progress (session 1 stopped before this file was seen green on the integrated tree; see the issue notes). Remove this line once it passes.')
-
 
 from deeplab_jax import checkpoint, input_pipeline, metrics, preemption, soak, train
 from deeplab_jax.datasets import shapes
+
+pytestmark = pytest.mark.skip(reason='In progress (session 1 stopped before this file was seen green on the integrated tree; see the issue notes). Remove this line once it passes.')
 
 NUM_STEPS = 200
 SOAK_MAX_MB_PER_100_STEPS = 5.0
