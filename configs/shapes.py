@@ -3,17 +3,14 @@
   python -m deeplab_jax.main --config=configs/shapes.py --workdir=/tmp/wd
 
 The first run builds the dataset (1,000 train / 100 validation procedurally generated images,
-~30 s), then trains 400 steps and evaluates. Expected: validation mIoU 0.91 (measured 0.9083:
-background 0.98, disk 0.94, square 0.94, triangle 0.91, ring 0.84, cross 0.83). The whole job
-takes ~520 CPU-seconds, i.e. about 5-6 minutes wall on 2 otherwise idle CPU cores (measured 15 min
-on 2 cores shared with 4 other jobs, load average 6-7). Quick smoke run (tiny model, 20 steps, a
-few minutes, meaningless mIoU): add `--config.smoke=True`.
+~30 s), then trains and evaluates. Expected: validation mIoU >= 0.85 in about 8 minutes wall on
+2 CPU cores (dataset build, compilation, training and evaluation together); see the report in
+README for measured numbers. Quick smoke run (tiny model, 20 steps): add `--config.smoke=True`.
 
 Model: Xception-41 at a quarter of its width, output stride 16, separable ASPP (rates 6/12/18) and
-decoder, 64-channel head: 1.84M parameters, 0.11 GMACs per 97x97 crop. The recipe is the official
-one (SGD momentum 0.9, poly schedule, weight decay 4e-5, random scale and flip, sync BN), with a
-higher learning rate and a short warm-up since it starts from random weights, a gentler scale
-range for the small images, and a fast BatchNorm moving average (below).
+decoder, 64-channel head. The recipe is the official one (SGD momentum, poly schedule, random scale
+and flip, sync BN), with a higher learning rate and a gentler scale range since it starts from
+random weights on small images.
 """
 
 from deeplab_jax.defaults import get_base_config
@@ -48,6 +45,6 @@ def get_config():
   c.optim.warmup_steps = 20
 
   c.eval.crop_size = (129, 129)  # Validation images are at most 128x128.
-  c.eval.batch_size = 16  # Divisible by 1, 2, 4, 8 or 16 devices.
+  c.eval.batch_size = 20
   c.eval.every = 400
   return c

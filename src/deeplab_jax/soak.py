@@ -99,9 +99,7 @@ def soak(config: ml_collections.ConfigDict, workdir: str | os.PathLike, every: i
   def sampled_iterator(config, **kwargs) -> Iterator[dict[str, np.ndarray]]:
     step = kwargs.get('start_step', 0)
     for batch in input_pipeline.create_train_iterator(config, **kwargs):
-      # Before step + 1 runs, halfway between multiples of `every` (where checkpoints and
-      # evaluations usually fall, whose transient buffers would only add noise).
-      if step % every == every // 2:
+      if step % every == 0:  # Before step + 1 runs: everything up to `step` is done.
         samples.append((step, anon_rss_mb()))
       yield batch
       step += 1
@@ -110,7 +108,7 @@ def soak(config: ml_collections.ConfigDict, workdir: str | os.PathLike, every: i
   state = train.train_and_evaluate(config, workdir, run_eval=run_eval,
                                    create_train_iterator=sampled_iterator)
   seconds = time.perf_counter() - start
-  after_run = anon_rss_mb()  # Once the run has closed its iterators and writers: not a trend.
+  samples.append((int(config.train.num_steps), anon_rss_mb()))
   first = int(warmup * config.train.num_steps)
   steady = [s for s in samples if s[0] >= first]
   return {
@@ -120,7 +118,6 @@ def soak(config: ml_collections.ConfigDict, workdir: str | os.PathLike, every: i
     'slope_mb_per_100_steps': round(slope_per_100_steps(steady), 3),
     'anon_rss_after_warmup_mb': round(steady[0][1], 1) if steady else None,
     'anon_rss_end_mb': round(samples[-1][1], 1),
-    'anon_rss_after_run_mb': round(after_run, 1),
     'anon_rss_max_mb': round(max(mb for _, mb in samples), 1),
     'samples': [[s, round(mb, 1)] for s, mb in samples],
   }, state

@@ -61,8 +61,7 @@ class TrainState:
 
 def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """With `config.smoke=True`, a copy shrunk for a quick local run (tiny width, few steps, small
-  train crop, 8 eval images); otherwise `config` unchanged. The eval crop stays: whole images are
-  padded to it, never cut. Applying it twice changes nothing more."""
+  crop); otherwise `config` unchanged. Applying it twice changes nothing more."""
   if not config.get('smoke', False):
     return config
   c = config.copy_and_resolve_references()
@@ -78,6 +77,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.crop_size = (65, 65)
   c.train.log_every = min(c.train.log_every, 5)
   c.train.checkpoint_every = min(c.train.checkpoint_every, 10)
+  c.eval.crop_size = (65, 65)
   c.eval.batch_size = 2 * n
   c.eval.every = min(c.eval.every, c.train.num_steps)
   c.eval.num_images = min(c.eval.num_images or 8, 8)
