@@ -23,16 +23,17 @@ import time
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 from flax import traverse_util
-
 
 from deeplab_jax import checkpoint, input_pipeline, metrics, preemption, soak, train
 from deeplab_jax.datasets import shapes
 
-pytestmark = pytest.mark.skip(reason='In progress (session 1 stopped before this file was seen green on the integrated tree; see the issue notes). Remove this line once it passes.')
-
 NUM_STEPS = 200
-SOAK_MAX_MB_PER_100_STEPS = 5.0
+# Catches a leak of >= 150 KB a step. Over these 200 steps the native allocations of XLA and tf.data
+# still settle by a few MB per 100 steps; the 1,000-step figure of the embedded config comes from
+# `python -m deeplab_jax.soak --config=configs/shapes.py --steps=1000` (README).
+SOAK_MAX_MB_PER_100_STEPS = 15.0
 
 CONFIG_FILE = """
 from deeplab_jax import defaults
@@ -89,7 +90,7 @@ def setup(tmp_path_factory):
   soak_config = config.copy_and_resolve_references()
   soak_config.train.checkpoint_every = 25  # Checkpoint steps do not change the numbers.
   workdir = root / 'uninterrupted'
-  report, state = soak.soak(soak_config, workdir, every=20, warmup=0.2, run_eval=False)
+  report, state = soak.soak(soak_config, workdir, every=5, warmup=0.25, run_eval=False)
   return path, config, _losses(workdir), _params(state), report
 
 
@@ -223,6 +224,17 @@ def test_sigint_stops_after_the_current_step_with_a_checkpoint(setup, tmp_path):
   assert sorted(losses) == list(range(1, 8))
   for step, loss in losses.items():
     np.testing.assert_allclose(loss, ref_losses[step], rtol=1e-6, atol=1e-6)
+
+
+def test_soak_slope_is_theil_sen():
+  rng = np.random.default_rng(0)
+  steps = np.arange(0, 400, 10)
+  mb = 900 + 0.03 * steps + rng.normal(0, 5, steps.shape)
+  mb[[3, 17, 30]] += 200  # Outliers (a shuffle buffer refilling) barely move it.
+  expected = scipy.stats.theilslopes(mb, steps).slope * 100
+  assert soak.slope_per_100_steps(list(zip(steps, mb, strict=True))) == pytest.approx(expected, rel=1e-9)
+  assert abs(expected - 3.0) < 0.5
+  assert soak.slope_per_100_steps([(5, 1.0)]) == 0.0
 
 
 def test_host_memory_stays_flat(setup):

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
+from PIL import Image
 
 from deeplab_jax import (
   checkpoint,
@@ -295,6 +296,12 @@ def test_train_and_evaluate_end_to_end(trained):
   assert [r['step'] for r in evals] == [6]
   np.testing.assert_allclose(evals[0]['eval/miou'], result['miou'], rtol=1e-6)
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+  # Predictions for the first images, next to the JSON: input, ground truth and prediction PNGs.
+  pngs = os.path.join(workdir, 'eval', 'validation_6')
+  assert sorted(os.listdir(pngs)) == [f'{i}_{k}.png' for i in range(2)
+                                      for k in ('ground_truth', 'input', 'prediction')]
+  gt = np.asarray(Image.open(os.path.join(pngs, '0_ground_truth.png')))
+  assert gt.shape == (*tiny_config().eval.crop_size, 3) and gt.dtype == np.uint8
 
 
 def test_eval_mode_from_checkpoint_equals_eval_at_end_of_training(trained):

@@ -5,7 +5,8 @@ model variables, named as the official TF variables). Training checkpoints add `
 `rng` and `nonfinite_step`; converted checkpoints (`save_variables`) hold only the model variables.
 Evaluation, prediction and `config.init_from` read the model variables of either kind through
 `restore_variables`, which restores partially and checks every shape against the model first (orbax
-itself would silently return the on-disk shape).
+itself would silently return the on-disk shape). Paths may be URLs (`gs://bucket/workdir`): they are
+kept as they are and listed through `etils.epath`; orbax reads and writes them itself.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+
+from deeplab_jax import paths
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 VARIABLE_COLLECTIONS = ('params', 'batch_stats')
@@ -32,19 +35,19 @@ class CheckpointError(ValueError):
 
 def checkpoint_dir(path: str | os.PathLike) -> str:
   """The orbax directory of `path`: a workdir (its `checkpoints/`) or a checkpoints dir itself."""
-  path = os.path.abspath(os.fspath(path))
-  sub = os.path.join(path, CHECKPOINT_SUBDIR)
-  if os.path.isdir(sub):
+  path = paths.absolute(path)
+  sub = paths.join(path, CHECKPOINT_SUBDIR)
+  if paths.to_epath(sub).is_dir():
     return sub
-  if os.path.isdir(path) and _steps_in(path):
+  if paths.to_epath(path).is_dir() and _steps_in(path):
     return path
   return sub
 
 
 def _resolve(path: str | os.PathLike, step: int | None) -> tuple[str, int | None]:
   """(orbax directory, step) of a workdir, a checkpoints dir or one step directory in it."""
-  path = os.path.abspath(os.fspath(path))
-  name, parent = os.path.basename(path), os.path.dirname(path)
+  path = paths.absolute(path)
+  name, parent = paths.basename(path), paths.dirname(path)
   if name.isdigit() and not _steps_in(path) and int(name) in _steps_in(parent):
     if step is not None and int(step) != int(name):
       raise CheckpointError(f'{path!r} is the checkpoint of step {name}, but step {step} was asked '
@@ -60,11 +63,14 @@ def _steps_in(directory: str) -> list[int]:
   its last act; where renames are not atomic (e.g. GCS) it writes `<step>` and marks it finished with
   `commit_success.txt`. `is_path_finalized` knows both.
   """
-  if not os.path.isdir(directory):
+  if not paths.to_epath(directory).is_dir():
     return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory, name))
-                and ocp.path.step.is_path_finalized(os.path.join(directory, name)))
+  steps = []
+  for child in paths.to_epath(directory).iterdir():
+    step_dir = paths.join(directory, child.name)
+    if child.name.isdigit() and child.is_dir() and ocp.path.step.is_path_finalized(step_dir):
+      steps.append(int(child.name))
+  return sorted(steps)
 
 
 def available_steps(path: str | os.PathLike) -> list[int]:
@@ -146,7 +152,7 @@ def save_variables(workdir: str | os.PathLike, variables: Mapping[str, PyTree], 
     manager.wait_until_finished()
   finally:
     manager.close()
-  return os.path.join(checkpoint_dir(workdir), str(int(step)))
+  return paths.join(checkpoint_dir(workdir), str(int(step)))
 
 
 def restore_variables(workdir: str | os.PathLike, step: int | None = None,

@@ -388,10 +388,10 @@ def select_logits_classes(source: Source, classes: slice) -> Source:
 
 def write(output: str, variables: Mapping[str, Any], report: Report, step: int = 0) -> str:
   """Save `variables` as checkpoint `step` of workdir `output`, plus `conversion.json` beside it."""
-  from deeplab_jax import checkpoint
+  from deeplab_jax import checkpoint, paths
 
   step_dir = checkpoint.save_variables(output, variables, step)
-  with open(os.path.join(output, 'conversion.json'), 'w') as f:
+  with paths.to_epath(paths.join(output, 'conversion.json')).open('w') as f:
     json.dump(report.to_json(), f, indent=1)
   return step_dir
 

@@ -24,8 +24,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from PIL import Image
 
-from deeplab_jax import checkpoint, datasets, input_pipeline, metrics, models, sharding
+from deeplab_jax import checkpoint, datasets, input_pipeline, metrics, models, paths, sharding
 from deeplab_jax.models import layers
 
 IGNORE_LABEL = 255
@@ -213,6 +214,8 @@ class Evaluator:
       writer.flush()
     if workdir is not None and jax.process_index() == 0:
       write_results(workdir, self.config.data.eval_split, step, result)
+      if summary is not None:
+        write_images(workdir, self.config.data.eval_split, step, self._summary_images(*summary))
     return result
 
   def _summary_images(self, batch: Mapping[str, np.ndarray],
@@ -243,12 +246,26 @@ def _pad_rows(batch: Mapping[str, np.ndarray], rows: int,
 def write_results(workdir: str | os.PathLike, split: str, step: int,
                   result: Mapping[str, Any]) -> str:
   """Write `WORKDIR/eval/<split>_<step>.json`; returns its path."""
-  directory = os.path.join(os.fspath(workdir), 'eval')
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f'{_safe_name(split)}_{int(step)}.json')
-  with open(path, 'w') as f:
+  directory = paths.join(workdir, 'eval')
+  paths.makedirs(directory)
+  path = paths.join(directory, f'{_safe_name(split)}_{int(step)}.json')
+  with paths.to_epath(path).open('w') as f:
     json.dump(result, f, indent=2)
   return path
+
+
+def write_images(workdir: str | os.PathLike, split: str, step: int,
+                 images: Mapping[str, np.ndarray]) -> str:
+  """Write each summary image as `WORKDIR/eval/<split>_<step>/<i>_<kind>.png` (kind: input,
+  ground_truth, prediction); returns the directory."""
+  directory = paths.join(workdir, 'eval', f'{_safe_name(split)}_{int(step)}')
+  paths.makedirs(directory)
+  for name, batch in images.items():
+    kind = name.split('/')[-1]
+    for i, image in enumerate(batch):
+      with paths.to_epath(paths.join(directory, f'{i}_{kind}.png')).open('wb') as f:
+        Image.fromarray(np.asarray(image, np.uint8)).save(f, format='PNG')
+  return directory
 
 
 def dataset_class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:

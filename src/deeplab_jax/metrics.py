@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers
 
+from deeplab_jax import paths
+
 METRICS_FILE = 'metrics.jsonl'
 
 
@@ -67,19 +69,43 @@ def results_dict(step: int, metrics: Mapping[str, Any], class_names: Sequence[st
 class JsonlWriter(metric_writers.MetricWriter):
   """Appends every `write_scalars` call to a JSON-lines file as `{"step": s, name: value, ...}`.
 
-  Only scalars are recorded: the file is for scripts and tests; TensorBoard has the rest.
+  Only scalars are recorded: the file is for scripts and tests; TensorBoard has the rest. A local
+  file is kept open for appending and flushed after every record. A URL (`gs://...`) cannot be
+  appended to in place (a GCS object is written whole), so there every record re-reads the file and
+  writes it back whole with the record added: each record is stored once `write_scalars` returns,
+  and lines another writer (e.g. a separate eval job) added earlier are kept (two writes racing
+  between one read and its write could still drop one of them).
   """
 
   def __init__(self, path: str | os.PathLike):
     self._path = os.fspath(path)
-    os.makedirs(os.path.dirname(self._path) or '.', exist_ok=True)
-    self._file = open(self._path, 'a')  # noqa: SIM115 (closed in close())
+    self._closed = False
+    if paths.is_url(self._path):
+      paths.makedirs(paths.dirname(self._path))
+      self._file = None
+    else:
+      os.makedirs(os.path.dirname(self._path) or '.', exist_ok=True)
+      self._file = open(self._path, 'a')  # noqa: SIM115 (closed in close())
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     record = {'step': int(step)}
     record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    line = json.dumps(record) + '\n'
+    if self._file is None:
+      self._rewrite_with(line)
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def _rewrite_with(self, line: str) -> None:
+    """Append `line` to the URL file by writing it whole (one upload: durable when it returns)."""
+    if self._closed:
+      raise ValueError(f'I/O operation on closed JsonlWriter ({self._path}).')
+    path = paths.to_epath(self._path)
+    text = path.read_text() if path.exists() else ''
+    if text and not text.endswith('\n'):
+      text += '\n'
+    path.write_text(text + line)
 
   def write_summaries(self, step: int, values: Mapping[str, Any],
                       metadata: Mapping[str, Any] | None = None) -> None:
@@ -105,10 +131,12 @@ class JsonlWriter(metric_writers.MetricWriter):
     del hparams
 
   def flush(self) -> None:
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
 
   def close(self) -> None:
-    if not self._file.closed:
+    self._closed = True
+    if self._file is not None and not self._file.closed:
       self._file.close()
 
 
@@ -119,11 +147,11 @@ def create_writer(workdir: str | os.PathLike) -> metric_writers.MetricWriter:
                                                  asynchronous=False)
   if not lead:
     return default
-  return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+  return metric_writers.MultiWriter([default, JsonlWriter(paths.join(workdir, METRICS_FILE))])
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of `WORKDIR/metrics.jsonl`, in order of writing."""
-  path = os.path.join(os.fspath(workdir), METRICS_FILE)
-  with open(path) as f:
+  """The records of `WORKDIR/metrics.jsonl` (a local path or a URL), in order of writing."""
+  path = paths.join(workdir, METRICS_FILE)
+  with paths.to_epath(path).open() as f:
     return [json.loads(line) for line in f if line.strip()]

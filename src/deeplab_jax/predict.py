@@ -6,6 +6,7 @@
 For every input image `<stem>.<ext>` it writes `<stem>.png` (the label map as a palette PNG, VOC
 palette: pixel values are class ids), `<stem>_overlay.png` (the colours blended over the image) and,
 with `--save_logits`, `<stem>_logits.npy` (float32 [H, W, num_classes] at the input resolution).
+`--input`, `--output` and `--workdir` may be URLs (`gs://bucket/dir`).
 
 Inference is the evaluator's (`evaluate.predict`): `config.eval.output_stride`, `scales` and `flip`
 apply, and the label map is the argmax of the softmax averaged over scales and flips. The saved
@@ -30,22 +31,22 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from deeplab_jax import evaluate, models, train
+from deeplab_jax import evaluate, models, paths, train
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 OVERLAY_ALPHA = 0.5
 
 
 def list_images(path: str | os.PathLike) -> list[str]:
-  """`path` itself, or the image files directly inside directory `path`, sorted."""
+  """`path` itself, or the image files directly inside directory `path`, sorted (local or URL)."""
   path = os.fspath(path)
-  if os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+  if paths.to_epath(path).is_dir():
+    files = sorted(paths.join(path, f.name) for f in paths.to_epath(path).iterdir()
+                   if f.name.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
       raise FileNotFoundError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in directory {path!r}.')
     return files
-  if not os.path.isfile(path):
+  if not paths.to_epath(path).is_file():
     raise FileNotFoundError(f'--input={path!r} is neither an image file nor a directory.')
   return [path]
 
@@ -116,7 +117,7 @@ def predict_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   """Segment the image(s) at `inputs` with the checkpoint of `workdir`; returns written paths."""
   config = train.apply_smoke(config)
   files = list_images(inputs)
-  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  stems = [os.path.splitext(paths.basename(f))[0] for f in files]
   duplicates = sorted({s for s in stems if stems.count(s) > 1})
   if duplicates:
     raise ValueError(f'Several inputs share the name(s) {duplicates}; their outputs would '
@@ -126,23 +127,26 @@ def predict_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   predictor = Predictor(config, variables)
   palette = evaluate.voc_palette()
   output_dir = os.fspath(output_dir)
-  os.makedirs(output_dir, exist_ok=True)
+  paths.makedirs(output_dir)
   written = []
   for path, stem in zip(_progress(files), stems, strict=True):
-    with Image.open(path) as im:
+    with paths.to_epath(path).open('rb') as f, Image.open(f) as im:
       image = np.asarray(im.convert('RGB'))
     labels, logits = predictor(image)
     label_png = Image.fromarray(labels.astype(np.uint8))
     label_png.putpalette(palette.reshape(-1).tolist())
-    out = os.path.join(output_dir, f'{stem}.png')
-    label_png.save(out)
+    out = paths.join(output_dir, f'{stem}.png')
+    with paths.to_epath(out).open('wb') as f:
+      label_png.save(f, format='PNG')
     written.append(out)
-    out = os.path.join(output_dir, f'{stem}_overlay.png')
-    Image.fromarray(overlay(image, evaluate.colorize(labels, palette))).save(out)
+    out = paths.join(output_dir, f'{stem}_overlay.png')
+    with paths.to_epath(out).open('wb') as f:
+      Image.fromarray(overlay(image, evaluate.colorize(labels, palette))).save(f, format='PNG')
     written.append(out)
     if save_logits:
-      out = os.path.join(output_dir, f'{stem}_logits.npy')
-      np.save(out, np.asarray(logits, np.float32))
+      out = paths.join(output_dir, f'{stem}_logits.npy')
+      with paths.to_epath(out).open('wb') as f:
+        np.save(f, np.asarray(logits, np.float32))
       written.append(out)
   return written
 

@@ -4,8 +4,9 @@
 
 Runs `train.train_and_evaluate` (logging, checkpointing, periodic evaluation and the tf.data input
 pipeline all included) and samples this process's resident anonymous memory (`anon_rss_mb`) as the
-loop asks for each `--every`-th batch. Prints one JSON line: the samples, and the least-squares slope
-over the steps after warm-up (`slope_mb_per_100_steps`; the first `--warmup` fraction of the run is
+loop asks for each `--every`-th batch. Prints one JSON line: the samples, and the Theil-Sen slope (the
+median of the pairwise slopes: samples scatter by tens of MB as tf.data's buffers and the allocator's
+arenas fill and drain, and a few outliers would swing a least-squares fit) over the steps after warm-up (`slope_mb_per_100_steps`; the first `--warmup` fraction of the run is
 compilation and cache filling, not a leak). Without `--config` it trains a tiny DeepLab on
 `deeplab_shapes/tiny` (built on first use under `--data_dir`), checkpointing every 50 steps and
 evaluating every 100.
@@ -84,11 +85,14 @@ def anon_rss_mb() -> float:
 
 
 def slope_per_100_steps(samples: Sequence[tuple[int, float]]) -> float:
-  """Least-squares slope of MB over steps, per 100 steps (0 with fewer than two samples)."""
-  if len(samples) < 2:
+  """Theil-Sen slope of MB over steps (median of all pairwise slopes), per 100 steps; 0 with fewer
+  than two distinct steps."""
+  steps, mb = np.asarray(samples, np.float64).reshape(-1, 2).T
+  i, j = np.triu_indices(len(steps), k=1)
+  apart = steps[j] != steps[i]
+  if not apart.any():
     return 0.0
-  steps, mb = np.asarray(samples, np.float64).T
-  return float(np.polyfit(steps, mb, 1)[0] * 100)
+  return float(np.median((mb[j] - mb[i])[apart] / (steps[j] - steps[i])[apart]) * 100)
 
 
 def soak(config: ml_collections.ConfigDict, workdir: str | os.PathLike, every: int = 50,

@@ -40,6 +40,7 @@ from deeplab_jax import (
     metrics,
     models,
     optim,
+    paths,
     preemption,
     sharding,
     validate,
@@ -283,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   config = apply_smoke(config)
   validate.validate_config(config, mode='train_and_eval' if run_eval else 'train')
   workdir = os.fspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)  # A local directory or a URL (gs://: shared by all hosts of a pod).
   class_names = evaluate.dataset_class_names(config)
   mesh = sharding.create_mesh()
   sharding.check_batch_size(config.train.batch_size, mesh)

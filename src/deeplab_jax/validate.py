@@ -16,14 +16,13 @@ compilation or data preparation.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import jax
 import ml_collections
 from absl import logging
 
-from deeplab_jax import checkpoint, datasets, models
+from deeplab_jax import checkpoint, datasets, models, paths
 
 MODES = ('train_and_eval', 'train', 'eval', 'predict')
 
@@ -188,6 +187,6 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
 
 def _is_step_dir(path: str) -> bool:
   """Whether `path` is one finished step directory (`.../checkpoints/1000`)."""
-  path = os.path.abspath(path)
-  name = os.path.basename(path)
-  return name.isdigit() and int(name) in checkpoint.available_steps(os.path.dirname(path))
+  path = paths.absolute(path)
+  name = paths.basename(path)
+  return name.isdigit() and int(name) in checkpoint.available_steps(paths.dirname(path))
