@@ -26,18 +26,38 @@ def test_depthwise_impls_match_tensorflow(stride, rate, size):
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=impl)
 
 
-def test_depthwise_impls_equal_gradients():
+@pytest.mark.parametrize('kernel,stride,rate,size,explicit', [
+    (3, 1, 2, 13, True), (3, 2, 1, 13, True), (3, 2, 1, 12, True), (3, 1, 4, 13, True),
+    (3, 2, 1, 12, False), (5, 1, 2, 11, True), (3, 2, 2, 14, True)])
+def test_depthwise_gradients_match_tensorflow(kernel, stride, rate, size, explicit):
+  """Both impls' gradients (shift-and-add has a hand-written backward pass) against TF's autodiff of
+  `tf.nn.depthwise_conv2d` on the same padded input."""
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.normal(size=(2, 13, 13, 6)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, 6, 1)), jnp.float32)
-  for stride, rate in [(1, 2), (2, 1), (1, 4)]:
-    pad = layers.conv_padding(x.shape, 3, stride, rate, explicit_padding=True)
-    loss = lambda x, w, impl, s=stride, r=rate, p=pad: jnp.sum(  # noqa: E731
-        jnp.sin(layers.depthwise_conv(x, w, s, r, p, impl)))
-    g_grouped = jax.grad(loss, argnums=(0, 1))(x, w, 'grouped')
-    g_shift = jax.grad(loss, argnums=(0, 1))(x, w, 'shift')
-    for a, b in zip(g_grouped, g_shift, strict=True):
-      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  x = rng.normal(size=(2, size, size + 3, 6)).astype(np.float32)
+  w = rng.normal(size=(kernel, kernel, 6, 1)).astype(np.float32)
+  pad = layers.conv_padding(x.shape, kernel, stride, rate, explicit_padding=explicit)
+  x_tf, w_tf = tf.constant(x), tf.constant(w)
+  with tf.GradientTape() as tape:
+    tape.watch([x_tf, w_tf])
+    xp = tf.pad(x_tf, [[0, 0], list(pad[0]), list(pad[1]), [0, 0]])
+    if stride > 1:  # TF's depthwise conv cannot combine strides and dilations: dilate the kernel.
+      w_eff = np.zeros((layers.effective_kernel(kernel, rate),) * 2 + (6, 1), np.float32)
+      idx = np.arange(kernel) * rate
+      w_dil = tf.scatter_nd(np.stack(np.meshgrid(idx, idx, indexing='ij'), -1).reshape(-1, 2),
+                            tf.reshape(w_tf, (-1, 6, 1)), w_eff.shape)
+      out = tf.nn.depthwise_conv2d(xp, w_dil, [1, stride, stride, 1], 'VALID')
+    else:
+      out = tf.nn.depthwise_conv2d(xp, w_tf, [1, 1, 1, 1], 'VALID', dilations=[rate, rate])
+    loss = tf.reduce_sum(tf.sin(out))
+  ref = [t.numpy() for t in tape.gradient(loss, [x_tf, w_tf])]
+
+  def jax_loss(x, w, impl):
+    return jnp.sum(jnp.sin(layers.depthwise_conv(x, w, stride, rate, pad, impl)))
+
+  for impl in ('grouped', 'shift'):
+    got = jax.jit(jax.grad(jax_loss, argnums=(0, 1)), static_argnums=2)(x, w, impl)
+    for name, a, b in zip(('d_input', 'd_kernel'), got, ref, strict=True):
+      np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=f'{impl} {name}')
 
 
 @pytest.mark.parametrize('kernel,stride,rate,size', [(3, 2, 1, 10), (7, 2, 1, 11), (3, 1, 2, 9),
