@@ -3,12 +3,14 @@
   python -m deeplab_jax.main --config=configs/shapes.py --workdir=/tmp/wd
 
 The first run builds the dataset (1,000 train / 100 validation procedurally generated images,
-~30 s), then trains and evaluates. Expected: validation mIoU >= 0.85 in about 8 minutes wall on
-2 CPU cores (dataset build, compilation, training and evaluation together); see the report in
-README for measured numbers. Quick smoke run (tiny model, 20 steps): add `--config.smoke=True`.
+~15 s), then trains 400 steps and evaluates. Expected: validation mIoU ~0.92 in about 3 minutes wall
+on 2 CPU cores (measured 0.921 in 2 min 51 s with the dataset already built, 2026-11-24). It leaves
+checkpoints 200 and 400, eval/validation_400.json and eval/validation_400/*.png (input, ground truth,
+prediction for 3 images). Quick smoke run (tiny model, 20 steps): add `--config.smoke=True`.
 
-Model: Xception-41 at a quarter of its width, output stride 16, separable ASPP (rates 6/12/18) and
-decoder, 64-channel head. The recipe is the official one (SGD momentum, poly schedule, random scale
+Model: Xception-41 at a quarter of its width, output stride 16, separable ASPP and decoder,
+64-channel head. ASPP rates 2/4/6: the crops give 7x7 feature maps, where the paper's 6/12/18 would
+mostly sample padding. The recipe is the official one (SGD momentum, poly schedule, random scale
 and flip, sync BN), with a higher learning rate and a gentler scale range since it starts from
 random weights on small images.
 """
@@ -24,6 +26,7 @@ def get_config():
   c.model.decoder_channels = 64
   c.model.low_level_channels = 24
   c.model.num_classes = 6
+  c.model.atrous_rates = (2, 4, 6)
   # Evaluation uses the BatchNorm moving averages, which must follow weights that change fast in a
   # run this short: the official 0.9997 would leave them near their initial values (mIoU ~0.13
   # after 400 steps) and even 0.99 lags (0.80 at 300 steps against 0.87 with fresh statistics).

@@ -43,6 +43,7 @@ OVERRIDES = {
   'model.backbone': 'resnet_v1_50_beta',
   'model.width_multiplier': 0.0625,
   'model.aspp_channels': 16,
+  'model.atrous_rates': (1, 2),  # Rates that fit the 3x3 feature maps of 33x33 crops.
   # Less to compile (three processes compile it); what is tested is the distribution. Image
   # pooling stays: its BatchNorm reduces over the batch alone, across both processes.
   'model.aspp_separable': False,

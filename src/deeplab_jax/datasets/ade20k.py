@@ -22,7 +22,6 @@ nothing is left behind.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import zipfile
@@ -33,7 +32,7 @@ import tensorflow_datasets as tfds
 
 from deeplab_jax.datasets import custom
 from deeplab_jax.datasets.custom import DatasetError
-from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, register
+from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, build_main, prepare, register
 
 NAME = 'ade20k'
 ARCHIVE = 'ADEChallengeData2016.zip'
@@ -147,27 +146,12 @@ class Ade20k(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == '__m
 def build(data_dir: str | None = None, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds `ade20k` in `data_dir` from ADEChallengeData2016.zip in `manual_dir`."""
   custom.require_archives(manual_dir, [ARCHIVE])
-  builder = tfds.builder(NAME, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
-  return builder
+  return prepare(NAME, data_dir, manual_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m deeplab_jax.datasets.ade20k',
-                                   description='Build the TFDS dataset ade20k.')
-  parser.add_argument('--manual_dir', default=None,
-                      help=f'folder holding {ARCHIVE} (else: download)')
-  parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
-  args = parser.parse_args(argv)
-  try:
-    builder = build(args.data_dir, args.manual_dir)
-  except DatasetError as e:
-    print(f'build failed, nothing written: {e}', file=sys.stderr)
-    return 1
-  sizes = ', '.join(f'{k}: {v.num_examples}' for k, v in builder.info.splits.items())
-  print(f'{NAME} in {builder.data_dir}: {sizes}')
-  return 0
+  return build_main(argv, name=NAME, manual_dir_help=f'folder holding {ARCHIVE}', build=build,
+                    errors=(DatasetError,))
 
 
 if __name__ == '__main__':

@@ -19,14 +19,13 @@ input checks of its own beyond its fixed 1024x2048 shapes.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, register
+from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, build_main, prepare, register
 
 NAME = 'cityscapes'
 CONFIG = 'semantic_segmentation'
@@ -62,30 +61,17 @@ def build(data_dir: str | None = None, manual_dir: str | None = None) -> tfds.co
     # declares it only for Python < 3.9.
     raise RuntimeError('TFDS needs the importlib_resources package to build cityscapes: '
                        'pip install importlib_resources')
-  builder = tfds.builder(f'{NAME}/{CONFIG}', data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
-  return builder
+  return prepare(f'{NAME}/{CONFIG}', data_dir, manual_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m deeplab_jax.datasets.cityscapes',
-      description='Build the TFDS dataset cityscapes/semantic_segmentation.')
-  parser.add_argument(
-      '--manual_dir', required=True,
-      help='folder holding leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip')
-  parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
-  args = parser.parse_args(argv)
-  try:
-    builder = build(args.data_dir, args.manual_dir)
-  except RuntimeError as e:
-    print(f'build failed: {e}', file=sys.stderr)
-    return 1
-  sizes = ', '.join(f'{k}: {v.num_examples}' for k, v in builder.info.splits.items())
-  print(f'{NAME}/{CONFIG} in {builder.data_dir}: {sizes}')
-  return 0
+  return build_main(
+      argv, name=f'{NAME}/{CONFIG}', build=build, errors=(RuntimeError,),
+      manual_dir_help='folder holding leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip',
+      manual_dir_required=True)
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  from deeplab_jax.datasets import cityscapes
+
+  sys.exit(cityscapes.main())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -57,3 +60,35 @@ def get_spec(name: str, data_dir: str | None = None) -> DatasetSpec:
                      f'{sorted(_SPECS)}. For your own images and masks see '
                      '`deeplab_jax.datasets.custom`.')
   return _SPECS[base]
+
+
+def prepare(name: str, data_dir: str | None, manual_dir: str | None):
+  """Build TFDS dataset `name` into `data_dir` from the archives in `manual_dir` (never from GCS)."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy: only the build commands need it)
+
+  builder = tfds.builder(name, data_dir=data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, try_download_gcs=False))
+  return builder
+
+
+def build_main(argv: Sequence[str] | None, *, name: str, manual_dir_help: str,
+               build: Callable[[str | None, str | None], object],
+               errors: tuple[type[Exception], ...], manual_dir_required: bool = False) -> int:
+  """`python -m deeplab_jax.datasets.<module> --manual_dir=DIR [--data_dir=DIR]`: build dataset
+  `name` with `build(data_dir, manual_dir)`; prints the split sizes, or the error (exit status 1)."""
+  module = build.__module__ if build.__module__ != '__main__' else 'deeplab_jax.datasets'
+  parser = argparse.ArgumentParser(prog=f'python -m {module}',
+                                   description=f'Build the TFDS dataset {name}.')
+  parser.add_argument('--manual_dir', default=None, required=manual_dir_required,
+                      help=manual_dir_help)
+  parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
+  args = parser.parse_args(argv)
+  try:
+    builder = build(args.data_dir, args.manual_dir)
+  except errors as e:
+    print(f'build failed, nothing written: {e}', file=sys.stderr)
+    return 1
+  sizes = ', '.join(f'{k}: {v.num_examples}' for k, v in builder.info.splits.items())
+  print(f'{name} in {builder.data_dir}: {sizes}')
+  return 0

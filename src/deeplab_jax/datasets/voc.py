@@ -28,7 +28,6 @@ remains.
 
 from __future__ import annotations
 
-import argparse
 import io
 import re
 import sys
@@ -41,7 +40,7 @@ import tensorflow_datasets as tfds
 
 from deeplab_jax.datasets import custom
 from deeplab_jax.datasets.custom import DatasetError
-from deeplab_jax.datasets.spec import DatasetSpec, register
+from deeplab_jax.datasets.spec import DatasetSpec, build_main, prepare, register
 
 NAME = 'voc2012_segmentation'
 VOC_ARCHIVE = 'VOCtrainval_11-May-2012.tar'
@@ -238,27 +237,12 @@ class Voc2012Segmentation(tfds.core.GeneratorBasedBuilder,
 def build(data_dir: str | None = None, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds `voc2012_segmentation` in `data_dir` from the archives in `manual_dir`."""
   custom.require_archives(manual_dir, [VOC_ARCHIVE, SBD_ARCHIVE])
-  builder = tfds.builder(NAME, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
-  return builder
+  return prepare(NAME, data_dir, manual_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m deeplab_jax.datasets.voc',
-                                   description='Build the TFDS dataset voc2012_segmentation.')
-  parser.add_argument('--manual_dir', default=None,
-                      help=f'folder holding {VOC_ARCHIVE} and {SBD_ARCHIVE} (else: download)')
-  parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
-  args = parser.parse_args(argv)
-  try:
-    builder = build(args.data_dir, args.manual_dir)
-  except DatasetError as e:
-    print(f'build failed, nothing written: {e}', file=sys.stderr)
-    return 1
-  sizes = ', '.join(f'{k}: {v.num_examples}' for k, v in builder.info.splits.items())
-  print(f'{NAME} in {builder.data_dir}: {sizes}')
-  return 0
+  return build_main(argv, name=NAME, manual_dir_help=f'folder holding {VOC_ARCHIVE} and {SBD_ARCHIVE}', build=build,
+                    errors=(DatasetError,))
 
 
 if __name__ == '__main__':
