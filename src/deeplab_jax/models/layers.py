@@ -124,10 +124,9 @@ def _shift_depthwise_fwd(x, kernel, stride, rate, padding):
 def _shift_depthwise_bwd(stride, rate, padding, residuals, g):
   """Both gradients as sums over the padded input grid, of `g` placed (dilated by the stride) at each
   kernel entry's offset. d x is the transposed conv: a shift-sum of that placement with the flipped
-  kernel, cropped. d kernel[i, j] multiplies the padded input by `g` placed at entry (i, j)'s offset:
-  every operand XLA materialises depends on `g`, so nothing input-sized is computed in the forward
-  pass and kept for this one (shifted slices of the input were: 18 GB against the grouped conv's
-  7 GB for an Xception-65 train step at batch 4 and 513x513)."""
+  kernel, cropped. d kernel[i, j] multiplies the padded input by `g` placed at entry (i, j)'s offset
+  rather than `g` by a shifted slice of the input: every operand XLA materialises then depends on
+  `g`, so none can be computed early in the forward pass and kept alive until here."""
   x, kernel = residuals
   k = kernel.shape[0]
   k_eff = effective_kernel(k, rate)
