@@ -1,7 +1,7 @@
 """Official TF1 checkpoints -> deeplab_jax: every variable lands in its parameter, strictly.
 
 The checkpoints are written with a graph-mode `tf.compat.v1.train.Saver` under the official names and
-shapes of `shared/reference/*.tsv` (full size, random values), plus the training-only variables real
+shapes of `tests/data/reference/*.tsv` (full size, random values), plus the training-only variables real
 model-zoo checkpoints carry. Strictness is tested on in-memory sources with the same names (the
 conversion core is the same; nothing is written).
 """
@@ -12,32 +12,17 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
 from flax import traverse_util
+from reference_data import RESNET_TSV, XCEPTION_TSV, reference_shapes
 
 from deeplab_jax import checkpoint, convert, defaults
 
-HERE = Path(__file__).resolve()
-REFERENCE_DIRS = (HERE.parents[2] / 'shared' / 'reference', HERE.parents[1] / 'shared' / 'reference')
-XCEPTION_TSV = 'tf1_xception65_deeplabv3plus_os16.tsv'
-RESNET_TSV = 'tf1_resnet101beta_deeplabv3plus_os16.tsv'
 SLOTS = ('xception_65/entry_flow/conv1_1/weights', 'aspp0/weights', 'logits/semantic/biases',
          'resnet_v1_101/conv1_1/weights')
-
-
-def reference_shapes(filename: str) -> dict[str, tuple[int, ...]]:
-  """{official TF name: shape} from the reference TSV; skips the test when shared/ is absent."""
-  for directory in REFERENCE_DIRS:
-    path = directory / filename
-    if path.exists():
-      rows = [line.rstrip('\n').split('\t') for line in path.read_text().splitlines()[1:]]
-      return {name: tuple(int(d) for d in shape.split(',')) for name, shape, _ in rows if name}
-  pytest.skip(f'reference {filename} not found in {[str(d) for d in REFERENCE_DIRS]} (CI places '
-              'shared/ beside the checkout)')
 
 
 def random_values(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:

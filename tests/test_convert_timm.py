@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from reference_data import reference_shapes
 
 from deeplab_jax import convert, convert_timm, defaults, models
 from deeplab_jax.models import resnet, xception
@@ -27,7 +27,6 @@ sys.modules.setdefault('triton', None)
 torch = pytest.importorskip('torch', reason='timm parity needs torch (pip install -e ".[parity]")')
 timm = pytest.importorskip('timm', reason='timm parity needs timm (pip install -e ".[parity]")')
 
-HERE = Path(__file__).resolve()
 SIZE = 65  # 16k+1 and 8k+1: corners align at output strides 16 and 8.
 TOLERANCE = 1e-4  # Max abs difference relative to the feature scale (max |feature|).
 
@@ -266,23 +265,17 @@ def test_weight_files_map_every_weight(resnet50s, tmp_path):
                              * scale[None, None, :, None], rtol=1e-6)
 
 
-def reference_names(filename: str, scope: str) -> set[str] | None:
-  for directory in (HERE.parents[2] / 'shared' / 'reference',
-                    HERE.parents[1] / 'shared' / 'reference'):
-    if (directory / filename).exists():
-      lines = (directory / filename).read_text().splitlines()[1:]
-      return {line.split('\t')[0] for line in lines if line.startswith(scope + '/')}
-  return None
+def reference_names(filename: str, scope: str) -> set[str]:
+  return {name for name in reference_shapes(filename) if name.startswith(scope + '/')}
 
 
 @pytest.mark.parametrize('timm_name,tsv,scope', [
     ('xception65', 'tf1_xception65_deeplabv3plus_os16.tsv', 'xception_65'),
     ('resnet101s', 'tf1_resnet101beta_deeplabv3plus_os16.tsv', 'resnet_v1_101')])
 def test_timm_names_are_the_official_names(timm_name, tsv, scope):
-  """Every timm weight gets an official TF name (shared/reference), and every backbone name is hit."""
+  """Every timm weight gets an official TF name (tests/data/reference), and every backbone name is
+  hit."""
   official = reference_names(tsv, scope)
-  if official is None:
-    pytest.skip(f'shared/reference/{tsv} not found (CI places shared/ beside the checkout)')
   keys = [k for k in timm.create_model(timm_name).state_dict()
           if not k.endswith('num_batches_tracked')]
   names = convert_timm.tf_names(keys, timm_name)

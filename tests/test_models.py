@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from reference_data import RESNET_TSV, XCEPTION_TSV, reference_shapes
 
 from deeplab_jax import defaults, models
 
@@ -60,20 +61,15 @@ def test_full_size_shapes_and_params_at_every_output_stride(backbone):
   assert counts == {PARAMS[backbone]}
 
 
-@pytest.mark.parametrize('backbone,reference', [
-    ('xception_65', 'tf1_xception65_deeplabv3plus_os16.tsv'),
-    ('resnet_v1_101_beta', 'tf1_resnet101beta_deeplabv3plus_os16.tsv'),
-])
-def test_variable_names_are_the_official_tf_names(backbone, reference, reference_dir):
+@pytest.mark.parametrize('backbone,reference', [('xception_65', XCEPTION_TSV),
+                                               ('resnet_v1_101_beta', RESNET_TSV)])
+def test_variable_names_are_the_official_tf_names(backbone, reference):
   model = models.build_model(model_config(backbone))
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                              jax.ShapeDtypeStruct((1, 65, 65, 3), jnp.float32))
   ours = {'/'.join(k): tuple(v.shape) for col in ('params', 'batch_stats')
           for k, v in traverse_util.flatten_dict(variables[col]).items()}
-  lines = (reference_dir / reference).read_text().splitlines()[1:]
-  theirs = {name: tuple(int(d) for d in shape.split(','))
-            for name, shape, _ in (line.split('\t') for line in lines)}
-  assert ours == theirs
+  assert ours == reference_shapes(reference)
 
 
 @pytest.mark.parametrize('backbone', ['xception_41', 'xception_71', 'resnet_v1_50',
