@@ -31,8 +31,8 @@ from deeplab_jax.datasets import shapes
 
 NUM_STEPS = 200
 # Catches a leak of >= 150 KB a step. Over these 200 steps the native allocations of XLA and tf.data
-# still settle by a few MB per 100 steps; the 1,000-step figure of the embedded config comes from
-# `python -m deeplab_jax.soak --config=configs/shapes.py --steps=1000` (README).
+# still settle by a few MB per 100 steps; the long-run figure of the embedded config comes from
+# `python -m deeplab_jax.soak --config=configs/shapes.py --steps=2500` (README).
 SOAK_MAX_MB_PER_100_STEPS = 15.0
 
 CONFIG_FILE = """

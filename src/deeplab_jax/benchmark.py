@@ -22,10 +22,10 @@ Runs on random data at the config's crop (`train.crop_size` for `--mode=train`, 
 - `compile_cpu_s`: the compile's process CPU time, a steadier figure than `compile_s` on a busy
   machine; `load_average`: the machine's load at the end.
 
-The train step is the one `deeplab_jax.train` builds when that module provides `make_train_step`;
-otherwise a minimal stand-in (SGD momentum with weight decay, cross-entropy ignoring label 255,
-BatchNorm statistics updated, state donated); `--train_step` picks one, the `train_step` field says
-which ran. Variables are random (`synthetic_variables`), not `model.init`'s. A batch divisible by the
+The train step is the one training runs (`deeplab_jax.train.make_train_step`, the default);
+`--train_step=minimal` times a bare stand-in instead (SGD momentum with weight decay, cross-entropy
+ignoring label 255, BatchNorm statistics updated, state donated) to see the trainer's overhead; the
+`train_step` field says which ran. Variables are random (`synthetic_variables`), not `model.init`'s. A batch divisible by the
 device count is sharded over all devices (`devices_used`), else it runs on one.
 """
 
@@ -52,7 +52,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from deeplab_jax import flops, models
+from deeplab_jax import flops, losses, models
 from deeplab_jax.models import layers
 
 IGNORE_LABEL = 255
@@ -130,14 +130,6 @@ def synthetic_variables(model: models.DeepLab, crop: Sequence[int], seed: int = 
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy over the pixels whose label is not 255."""
-  valid = labels != IGNORE_LABEL
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), jnp.where(valid, labels, 0))
-  return jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1)
-
-
 def minimal_train_step(model: models.DeepLab, config: ml_collections.ConfigDict,
                        ) -> tuple[optax.GradientTransformation, Callable]:
   """(optimizer, step): SGD momentum + weight decay on cross-entropy; step(state, batch, rng).
@@ -153,7 +145,7 @@ def minimal_train_step(model: models.DeepLab, config: ml_collections.ConfigDict,
       logits, updates = model.apply(
           {'params': params, 'batch_stats': state['batch_stats']}, batch['image'], train=True,
           mutable=['batch_stats'], rngs={'dropout': dropout_key})
-      return cross_entropy(logits, batch['label']), updates['batch_stats']
+      return losses.segmentation_loss(logits, batch['label']), updates['batch_stats']
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
@@ -176,14 +168,6 @@ def _trainer_step(config: ml_collections.ConfigDict, model: models.DeepLab, vari
       batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
       nonfinite_step=jnp.full((), -1, jnp.int32))
   return state, trainer.make_train_step(config, model, tx, mesh)
-
-
-def _has_trainer_step() -> bool:
-  try:
-    from deeplab_jax import train as trainer  # noqa: PLC0415
-  except ImportError:
-    return False
-  return hasattr(trainer, 'make_train_step')
 
 
 def _mesh(batch: int) -> Mesh:
@@ -211,7 +195,7 @@ def prepare(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int |
   """Build, lower and compile `config`'s train step or inference on random data.
 
   `train_step`: 'trainer' (`deeplab_jax.train.make_train_step`), 'minimal' (`minimal_train_step`)
-  or 'auto' (the trainer's when `deeplab_jax.train` has it). `compiler_options`: XLA debug options
+  or 'auto' (the trainer's). `compiler_options`: XLA debug options
   for this compile only (e.g. {'xla_cpu_enable_fast_math': True}).
   """
   if mode not in MODES:
@@ -238,7 +222,7 @@ def prepare(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int |
     batch_data = {'image': images,
                   'label': jax.device_put(labels.astype(jnp.int32), data_sharding)}
     if train_step == 'auto':
-      train_step = 'trainer' if _has_trainer_step() else 'minimal'
+      train_step = 'trainer'
     if train_step == 'trainer':
       state, jitted = _trainer_step(config, model, variables, mesh)
     elif train_step == 'minimal':

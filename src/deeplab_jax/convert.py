@@ -391,7 +391,7 @@ def write(output: str, variables: Mapping[str, Any], report: Report, step: int =
   from deeplab_jax import checkpoint, paths
 
   step_dir = checkpoint.save_variables(output, variables, step)
-  with paths.to_epath(paths.join(output, 'conversion.json')).open('w') as f:
+  with paths.open(paths.join(output, 'conversion.json'), 'w') as f:
     json.dump(report.to_json(), f, indent=1)
   return step_dir
 

@@ -91,12 +91,18 @@ def _bn(prefix: str, field: str) -> str | None:
   return f'{prefix}/BatchNorm/{BN_NAMES[field]}' if field in BN_NAMES else None
 
 
+def _conv_or_bn(prefix: str, is_conv: bool, field: str) -> str | None:
+  """The TF name of a conv's `weight` (no bias: BN follows) or of its BatchNorm's `field`."""
+  if is_conv:
+    return f'{prefix}/weights' if field == 'weight' else None
+  return _bn(prefix, field)
+
+
 def _xception_name(key: str, backbone: str, units: Sequence[str]) -> str | None:
   m = re.fullmatch(r'stem\.([01])\.(conv|bn)\.(\w+)', key)
   if m:
     prefix = f'{backbone}/entry_flow/conv1_{int(m[1]) + 1}'
-    return f'{prefix}/weights' if m[2] == 'conv' and m[3] == 'weight' else (
-        _bn(prefix, m[3]) if m[2] == 'bn' else None)
+    return _conv_or_bn(prefix, m[2] == 'conv', m[3])
   m = re.fullmatch(r'blocks\.(\d+)\.stack\.conv([123])\.(conv|bn)_(dw|pw)\.(\w+)', key)
   if m and int(m[1]) < len(units):
     part = 'depthwise' if m[4] == 'dw' else 'pointwise'
@@ -108,8 +114,7 @@ def _xception_name(key: str, backbone: str, units: Sequence[str]) -> str | None:
   m = re.fullmatch(r'blocks\.(\d+)\.shortcut\.(conv|bn)\.(\w+)', key)
   if m and int(m[1]) < len(units):
     prefix = f'{units[int(m[1])]}/shortcut'
-    return (f'{prefix}/weights' if m[3] == 'weight' else None) if m[2] == 'conv' else _bn(
-        prefix, m[3])
+    return _conv_or_bn(prefix, m[2] == 'conv', m[3])
   m = re.fullmatch(r'head\.fc\.(weight|bias)', key)
   if m:
     return f'{backbone}/logits/{"weights" if m[1] == "weight" else "biases"}'
@@ -131,13 +136,11 @@ def _resnet_name(key: str, scope: str, deep_stem: bool) -> str | None:
   m = re.fullmatch(r'layer([1-4])\.(\d+)\.(conv|bn)([123])\.(\w+)', key)
   if m:
     prefix = f'{scope}/block{m[1]}/unit_{int(m[2]) + 1}/bottleneck_v1/conv{m[4]}'
-    return (f'{prefix}/weights' if m[5] == 'weight' else None) if m[3] == 'conv' else _bn(
-        prefix, m[5])
+    return _conv_or_bn(prefix, m[3] == 'conv', m[5])
   m = re.fullmatch(r'layer([1-4])\.(\d+)\.downsample\.([01])\.(\w+)', key)
   if m:
     prefix = f'{scope}/block{m[1]}/unit_{int(m[2]) + 1}/bottleneck_v1/shortcut'
-    return (f'{prefix}/weights' if m[4] == 'weight' else None) if m[3] == '0' else _bn(
-        prefix, m[4])
+    return _conv_or_bn(prefix, m[3] == '0', m[4])
   m = re.fullmatch(r'fc\.(weight|bias)', key)
   if m:
     return f'{scope}/logits/{"weights" if m[1] == "weight" else "biases"}'

@@ -204,18 +204,20 @@ class Evaluator:
     result['num_pixels'] = int(total.sum())
     logging.info('Eval at step %d on %s: mIoU %.4f, pixel accuracy %.4f', step,
                  self.config.data.eval_split, result['miou'], result['pixel_accuracy'])
+    images = (self._summary_images(*summary)
+              if summary is not None and jax.process_index() == 0 else None)
     if writer is not None:
       scalars = {'eval/miou': result['miou'], 'eval/pixel_accuracy': result['pixel_accuracy']}
       scalars.update({f'eval/iou/{name}': v for name, v in result['per_class_iou'].items()
                       if v is not None})
       writer.write_scalars(step, scalars)
-      if summary is not None and jax.process_index() == 0:
-        writer.write_images(step, self._summary_images(*summary))
+      if images is not None:
+        writer.write_images(step, images)
       writer.flush()
     if workdir is not None and jax.process_index() == 0:
       write_results(workdir, self.config.data.eval_split, step, result)
-      if summary is not None:
-        write_images(workdir, self.config.data.eval_split, step, self._summary_images(*summary))
+      if images is not None:
+        write_images(workdir, self.config.data.eval_split, step, images)
     return result
 
   def _summary_images(self, batch: Mapping[str, np.ndarray],
@@ -249,7 +251,7 @@ def write_results(workdir: str | os.PathLike, split: str, step: int,
   directory = paths.join(workdir, 'eval')
   paths.makedirs(directory)
   path = paths.join(directory, f'{_safe_name(split)}_{int(step)}.json')
-  with paths.to_epath(path).open('w') as f:
+  with paths.open(path, 'w') as f:
     json.dump(result, f, indent=2)
   return path
 
@@ -263,7 +265,7 @@ def write_images(workdir: str | os.PathLike, split: str, step: int,
   for name, batch in images.items():
     kind = name.split('/')[-1]
     for i, image in enumerate(batch):
-      with paths.to_epath(paths.join(directory, f'{i}_{kind}.png')).open('wb') as f:
+      with paths.open(paths.join(directory, f'{i}_{kind}.png'), 'wb') as f:
         Image.fromarray(np.asarray(image, np.uint8)).save(f, format='PNG')
   return directory
 

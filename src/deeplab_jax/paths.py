@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+from typing import IO
 
 from etils import epath
 
@@ -57,3 +58,8 @@ def to_epath(path: str | os.PathLike) -> epath.Path:
 def makedirs(path: str | os.PathLike) -> None:
   """`os.makedirs(path, exist_ok=True)` for local paths and URLs."""
   to_epath(path).mkdir(parents=True, exist_ok=True)
+
+
+def open(path: str | os.PathLike, mode: str = 'r') -> IO:  # noqa: A001 (mirrors the builtin)
+  """The builtin `open` for local paths and URLs alike."""
+  return to_epath(path).open(mode)

@@ -40,13 +40,14 @@ OVERLAY_ALPHA = 0.5
 def list_images(path: str | os.PathLike) -> list[str]:
   """`path` itself, or the image files directly inside directory `path`, sorted (local or URL)."""
   path = os.fspath(path)
-  if paths.to_epath(path).is_dir():
-    files = sorted(paths.join(path, f.name) for f in paths.to_epath(path).iterdir()
+  target = paths.to_epath(path)
+  if target.is_dir():
+    files = sorted(paths.join(path, f.name) for f in target.iterdir()
                    if f.name.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
       raise FileNotFoundError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in directory {path!r}.')
     return files
-  if not paths.to_epath(path).is_file():
+  if not target.is_file():
     raise FileNotFoundError(f'--input={path!r} is neither an image file nor a directory.')
   return [path]
 
@@ -130,22 +131,22 @@ def predict_images(config: ml_collections.ConfigDict, workdir: str | os.PathLike
   paths.makedirs(output_dir)
   written = []
   for path, stem in zip(_progress(files), stems, strict=True):
-    with paths.to_epath(path).open('rb') as f, Image.open(f) as im:
+    with paths.open(path, 'rb') as f, Image.open(f) as im:
       image = np.asarray(im.convert('RGB'))
     labels, logits = predictor(image)
     label_png = Image.fromarray(labels.astype(np.uint8))
     label_png.putpalette(palette.reshape(-1).tolist())
     out = paths.join(output_dir, f'{stem}.png')
-    with paths.to_epath(out).open('wb') as f:
+    with paths.open(out, 'wb') as f:
       label_png.save(f, format='PNG')
     written.append(out)
     out = paths.join(output_dir, f'{stem}_overlay.png')
-    with paths.to_epath(out).open('wb') as f:
+    with paths.open(out, 'wb') as f:
       Image.fromarray(overlay(image, evaluate.colorize(labels, palette))).save(f, format='PNG')
     written.append(out)
     if save_logits:
       out = paths.join(output_dir, f'{stem}_logits.npy')
-      with paths.to_epath(out).open('wb') as f:
+      with paths.open(out, 'wb') as f:
         np.save(f, np.asarray(logits, np.float32))
       written.append(out)
   return written

@@ -77,7 +77,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.batch_size = 2 * n
   c.train.crop_size = (65, 65)
   if m.get('atrous_rates') is not None:  # Rates a config sets must fit the smaller feature maps.
-    feature = -(-65 // m.output_stride)
+    feature = -(-c.train.crop_size[0] // m.output_stride)
     m.atrous_rates = tuple(max(1, min(int(r), feature - 1)) for r in m.atrous_rates)
   c.train.log_every = min(c.train.log_every, 5)
   c.train.checkpoint_every = min(c.train.checkpoint_every, 10)

@@ -77,8 +77,7 @@ def build_main(argv: Sequence[str] | None, *, name: str, manual_dir_help: str,
                errors: tuple[type[Exception], ...], manual_dir_required: bool = False) -> int:
   """`python -m deeplab_jax.datasets.<module> --manual_dir=DIR [--data_dir=DIR]`: build dataset
   `name` with `build(data_dir, manual_dir)`; prints the split sizes, or the error (exit status 1)."""
-  module = build.__module__ if build.__module__ != '__main__' else 'deeplab_jax.datasets'
-  parser = argparse.ArgumentParser(prog=f'python -m {module}',
+  parser = argparse.ArgumentParser(prog=f'python -m {build.__module__}',
                                    description=f'Build the TFDS dataset {name}.')
   parser.add_argument('--manual_dir', default=None, required=manual_dir_required,
                       help=manual_dir_help)

@@ -83,25 +83,21 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, rate: int, padd
   return _shift_depthwise(x, kernel, stride, rate, padding)
 
 
-def _shifted_taps(xp: jax.Array, kernel: jax.Array, stride: int,
-                  rate: int) -> list[tuple[jax.Array, jax.Array]]:
-  """(tap, weights) pairs of a depthwise conv over the already padded `xp`: the strided window of
-  `xp` that kernel entry (i, j) multiplies, and that entry's (C,) weights."""
+def _shift_sum(xp: jax.Array, kernel: jax.Array, stride: int, rate: int) -> jax.Array:
+  """Depthwise conv over the already padded `xp`: for each kernel entry (i, j), the strided window
+  of `xp` it multiplies, times that entry's (C,) weights, summed."""
   k = kernel.shape[0]
   k_eff = effective_kernel(k, rate)
   n, hp, wp, channels = xp.shape
   out_h, out_w = (hp - k_eff) // stride + 1, (wp - k_eff) // stride + 1
-  return [(lax.slice(xp, (0, i * rate, j * rate, 0),
-                     (n, i * rate + (out_h - 1) * stride + 1,
-                      j * rate + (out_w - 1) * stride + 1, channels),
-                     (1, stride, stride, 1)), kernel[i, j, :, 0])
-          for i in range(k) for j in range(k)]
-
-
-def _shift_sum(xp: jax.Array, kernel: jax.Array, stride: int, rate: int) -> jax.Array:
   out = None
-  for tap, w in _shifted_taps(xp, kernel, stride, rate):
-    out = tap * w if out is None else out + tap * w
+  for i in range(k):
+    for j in range(k):
+      tap = lax.slice(xp, (0, i * rate, j * rate, 0),
+                      (n, i * rate + (out_h - 1) * stride + 1,
+                       j * rate + (out_w - 1) * stride + 1, channels),
+                      (1, stride, stride, 1))
+      out = tap * kernel[i, j, :, 0] if out is None else out + tap * kernel[i, j, :, 0]
   return out
 
 
