@@ -55,12 +55,12 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--manager', choices=('ours', 'plain'), default='ours')
   parser.add_argument('--no_ocdbt', action='store_true', help='plain manager: one zarr per array')
   args = parser.parse_args(argv)
+  if args.no_ocdbt and args.manager == 'ours':
+    parser.error('--no_ocdbt needs --manager=plain')
   tree = make_tree(args.tree)
   every = max(1, args.saves // args.samples)
   with tempfile.TemporaryDirectory(prefix='deeplab_ckmem_') as directory:
     if args.manager == 'ours':
-      if args.no_ocdbt:
-        parser.error('--no_ocdbt needs --manager=plain')
       manager = checkpoint.create_manager(directory, keep=2)
     else:
       manager = ocp.CheckpointManager(

@@ -55,7 +55,7 @@ from ml_collections import config_flags
 from deeplab_jax import flops, losses, models
 from deeplab_jax.models import layers
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = losses.IGNORE_LABEL
 MODES = ('train', 'infer')
 
 

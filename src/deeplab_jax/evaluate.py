@@ -29,7 +29,7 @@ from PIL import Image
 from deeplab_jax import checkpoint, datasets, input_pipeline, metrics, models, paths, sharding
 from deeplab_jax.models import layers
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = datasets.IGNORE_LABEL  # Set by the data; training and metrics follow it.
 IGNORE_COLOUR = (224, 224, 192)  # PASCAL VOC's colour for the ignore band.
 
 EvalIteratorFn = Callable[..., tuple[Iterator[Mapping[str, np.ndarray]], int]]
