@@ -8,12 +8,12 @@ batch 16, 150k steps, lr 0.01 poly, weight decay 4e-5, random scale 0.5..2.0 and
 "other" label 0 is ignored and classes 1..150 become 0..149 (the dataset's label map).
 
 Expected validation mIoU: about 45-46% for the official model zoo's `xception65_ade20k_train`
-(ImageNet init, OS 8, scales 0.5..1.75 and flip; not in PAPER.md and not re-measured here); single
+(ImageNet init, OS 8, scales 0.5..1.75 and flip; a model-zoo figure, not re-measured here); single
 scale at OS 16 lands a few points lower. Dataset: `ade20k` (ADEChallengeData2016.zip, see
 `deeplab_jax.datasets.ade20k`; TFDS's `scene_parse150` holds other annotations).
 """
 
-from deeplab_jax.defaults import get_base_config
+from deeplab_jax.config import get_base_config
 
 
 def get_config():

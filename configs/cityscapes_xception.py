@@ -3,17 +3,17 @@
   python -m deeplab_jax.main --config=configs/cityscapes_xception.py --workdir=WORKDIR \\
       --config.init_from=PRETRAINED_WORKDIR
 
-Recipe: output stride 16, separable ASPP and decoder, crop 769x769 (PAPER.md), batch 8 and 90k
+Recipe: output stride 16, separable ASPP and decoder, crop 769x769 (the paper's Cityscapes setting), batch 8 and 90k
 steps at lr 0.01 poly (the official Cityscapes settings as we understand them; batch 16 if memory
 allows), weight decay 4e-5, random scale 0.5..2.0 and flip; evaluation on whole 1024x2048 images
 padded to 1025x2049.
 
-Expected validation mIoU (official model zoo `xception65_cityscapes_trainfine`, PAPER.md): 78.79%
+Expected validation mIoU (official model zoo `xception65_cityscapes_trainfine`): 78.79%
 at OS 16 single scale, 80.42% with OS 8, multi-scale inputs and flip. Needs the TFDS `cityscapes` dataset
 (manual download, see `deeplab_jax.datasets.cityscapes`).
 """
 
-from deeplab_jax.defaults import get_base_config
+from deeplab_jax.config import get_base_config
 
 
 def get_config():

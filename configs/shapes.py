@@ -15,7 +15,7 @@ and flip, sync BN), with a higher learning rate and a gentler scale range since 
 random weights on small images.
 """
 
-from deeplab_jax.defaults import get_base_config
+from deeplab_jax.config import get_base_config
 
 
 def get_config():

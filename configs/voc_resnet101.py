@@ -13,7 +13,7 @@ PRETRAINED_WORKDIR: `python -m deeplab_jax.convert tf --checkpoint=.../resnet_v1
 --config=configs/voc_resnet101.py --output=PRETRAINED_WORKDIR`.
 """
 
-from deeplab_jax.defaults import get_base_config
+from deeplab_jax.config import get_base_config
 
 
 def get_config():

@@ -18,7 +18,7 @@ checkpoint); without init_from the model trains from scratch and lands far lower
 Needs the `voc2012_segmentation` dataset (see `deeplab_jax.datasets.voc`).
 """
 
-from deeplab_jax.defaults import get_base_config
+from deeplab_jax.config import get_base_config
 
 
 def get_config():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from fakes import random_variables, tiny_config
 from flax import traverse_util
-from test_train import random_variables, tiny_config
 
-from deeplab_jax import checkpoint, sharding, train
+from deeplab_jax import checkpoint, sharding, train_state
 
 
 def _flat(tree):
@@ -73,10 +73,10 @@ def test_init_from_reinitialises_logits_and_keeps_the_rest(tmp_path):
   target.model.num_classes = 5
   fresh = random_variables(target, seed=4)
   mesh = sharding.create_mesh(jax.devices()[:1])
-  state = train.TrainState(step=np.int32(0), params=fresh['params'],
+  state = train_state.TrainState(step=np.int32(0), params=fresh['params'],
                            batch_stats=fresh['batch_stats'], opt_state=(),
                            nonfinite_step=np.int32(-1))
-  state = train.initialise_from(target, state, str(tmp_path / 'converted'), mesh)
+  state = train_state.initialise_from(target, state, str(tmp_path / 'converted'), mesh)
   got = _flat(jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
   src, new = _flat(source_vars), _flat(fresh)
   for k, v in got.items():
@@ -88,7 +88,7 @@ def test_init_from_reinitialises_logits_and_keeps_the_rest(tmp_path):
   backbone_only = {c: {k: v for k, v in source_vars[c].items() if k.startswith('resnet')}
                    for c in ('params', 'batch_stats')}
   checkpoint.save_variables(tmp_path / 'imagenet', backbone_only, step=0)
-  state = train.initialise_from(target, state.replace(params=fresh['params'],
+  state = train_state.initialise_from(target, state.replace(params=fresh['params'],
                                                       batch_stats=fresh['batch_stats']),
                                 str(tmp_path / 'imagenet'), mesh)
   got = _flat(jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
@@ -99,13 +99,13 @@ def test_init_from_reinitialises_logits_and_keeps_the_rest(tmp_path):
   other = tiny_config()
   other.model.width_multiplier = 0.125
   wide = random_variables(other)
-  state = train.TrainState(step=np.int32(0), params=wide['params'],
+  state = train_state.TrainState(step=np.int32(0), params=wide['params'],
                            batch_stats=wide['batch_stats'], opt_state=(),
                            nonfinite_step=np.int32(-1))
   with pytest.raises(checkpoint.CheckpointError,
                      match=r'params/\S+ has shape \(1, 1, 128, 16\) in the checkpoint but '
                            r'\(1, 1, 256, 16\) in the model'):
-    train.initialise_from(other, state, str(tmp_path / 'converted'), mesh)
+    train_state.initialise_from(other, state, str(tmp_path / 'converted'), mesh)
 
 
 def test_manager_keeps_latest_and_best(tmp_path):

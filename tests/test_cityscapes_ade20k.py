@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from deeplab_jax.datasets import ade20k, cityscapes, get_spec
-from deeplab_jax.datasets.custom import DatasetError
+from deeplab_jax.errors import DatasetError
 
 H, W = 32, 48
 
@@ -22,7 +22,7 @@ def test_cityscapes_spec_and_label_map():
   spec = get_spec('cityscapes/semantic_segmentation')
   assert spec is cityscapes.SPEC
   assert (spec.image_key, spec.label_key) == ('image_left', 'segmentation_label')
-  assert (spec.num_classes, spec.train_split, spec.eval_split) == (19, 'train', 'validation')
+  assert spec.num_classes == 19
   assert spec.class_names[:3] == ('road', 'sidewalk', 'building')
   assert spec.class_names[-1] == 'bicycle'
   lut = spec.label_map
@@ -42,7 +42,7 @@ def test_cityscapes_mock_data_smoke():
   spec = cityscapes.SPEC
   lut = tf.constant(spec.label_map)
   with tfds.testing.mock_data(num_examples=1):
-    ds = tfds.load('cityscapes/semantic_segmentation', split=spec.train_split)
+    ds = tfds.load('cityscapes/semantic_segmentation', split='train')
     ds = ds.map(lambda ex: (ex[spec.image_key],
                             tf.gather(lut, tf.cast(ex[spec.label_key], tf.int32))))
     (image, label), = tfds.as_numpy(ds)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
-from unittest import mock
 
 import numpy as np
 import pytest
 from flax import traverse_util
 from reference_data import RESNET_TSV, XCEPTION_TSV, reference_shapes
 
-from deeplab_jax import checkpoint, convert, defaults
+from deeplab_jax import checkpoint, convert
+from deeplab_jax import config as config_lib
+from deeplab_jax.tools import app
+from deeplab_jax.tools import convert as convert_tool
 
 SLOTS = ('xception_65/entry_flow/conv1_1/weights', 'aspp0/weights', 'logits/semantic/biases',
          'resnet_v1_101/conv1_1/weights')
@@ -61,7 +64,7 @@ def with_training_variables(values: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def model_config(backbone: str = 'xception_65', **overrides):
-  config = defaults.get_base_config()
+  config = config_lib.get_base_config()
   config.model.backbone = backbone
   for key, value in overrides.items():
     config.model[key] = value
@@ -70,7 +73,7 @@ def model_config(backbone: str = 'xception_65', **overrides):
 
 def flat_variables(variables: dict) -> dict[str, np.ndarray]:
   flat = {}
-  for collection in convert.COLLECTIONS:
+  for collection in checkpoint.VARIABLE_COLLECTIONS:
     flat.update(traverse_util.flatten_dict(variables[collection], sep='/'))
   return flat
 
@@ -134,23 +137,15 @@ def test_resnet101_beta_checkpoint_every_variable_in_place(resnet_checkpoint):
 
 
 def run_cli(argv: list[str]) -> convert.Report:
-  """The command line in-process, on private flags (no second TF/JAX start-up).
-
-  ml_collections reads `--config.*` overrides from sys.argv, hence the patch.
-  """
-  from absl import flags
-
-  flag_values = flags.FlagValues()
-  convert.define_flags(flag_values)
-  with mock.patch.object(sys, 'argv', list(argv)):
-    return convert.run(flag_values(argv), flag_values)
+  """The command line in-process, on private flags (no second TF/JAX start-up)."""
+  return app.call(convert_tool, argv)
 
 
 def test_cli_writes_a_workdir_that_restores(xception_checkpoint, tmp_path, capsys):
   """`convert tf` writes a workdir that `restore_variables` (eval, predict, init_from) reads."""
   prefix, values = xception_checkpoint
   out = tmp_path / 'converted'
-  run_cli(['convert', 'tf', f'--checkpoint={os.path.dirname(prefix)}', f'--output={out}'])
+  run_cli(['tf', f'--checkpoint={os.path.dirname(prefix)}', f'--output={out}'])
   printed = capsys.readouterr().out
   assert f'{len(values)} variables filled' in printed
   assert '3 optimizer slot' in printed and '1 training step counter' in printed
@@ -170,13 +165,22 @@ def test_cli_writes_a_workdir_that_restores(xception_checkpoint, tmp_path, capsy
 def test_cli_errors_exit_with_the_message(xception_checkpoint, tmp_path):
   prefix, _ = xception_checkpoint
   config_file = tmp_path / 'config.py'
-  config_file.write_text('from deeplab_jax import defaults\n\n\ndef get_config():\n'
-                         '  return defaults.get_base_config()\n')
-  with pytest.raises(SystemExit, match='usage: python -m deeplab_jax.convert'):
-    run_cli(['convert', 'onnx', f'--output={tmp_path}'])
-  with pytest.raises(SystemExit, match=re.escape('--config.model.num_classes=21')):
-    run_cli(['convert', 'tf', f'--checkpoint={prefix}', f'--output={tmp_path / "out"}',
+  config_file.write_text('from deeplab_jax.config import get_base_config\n\n\n'
+                         'def get_config():\n  return get_base_config()\n')
+  with pytest.raises(app.UsageError, match='tf or timm'):
+    run_cli(['onnx', f'--output={tmp_path}'])
+  with pytest.raises(convert.ConversionError, match=re.escape('--config.model.num_classes=21')):
+    run_cli(['tf', f'--checkpoint={prefix}', f'--output={tmp_path / "out"}',
              f'--config={config_file}', '--config.model.num_classes=19'])
+  assert not (tmp_path / 'out').exists()
+  # As a command (the older module name, kept for existing commands), the error is one line on
+  # stderr and exit status 1.
+  result = subprocess.run(
+      [sys.executable, '-m', 'deeplab_jax.convert', 'tf', f'--checkpoint={prefix}',
+       f'--output={tmp_path / "out"}', f'--config={config_file}', '--config.model.num_classes=19'],
+      capture_output=True, text=True)
+  assert result.returncode == 1
+  assert 'error: Cannot convert' in result.stderr and 'Traceback' not in result.stderr
   assert not (tmp_path / 'out').exists()
 
 
@@ -232,7 +236,7 @@ def test_ade20k_logits_drop_the_ignored_class():
   shapes = dict(reference_shapes(XCEPTION_TSV))
   shapes['logits/semantic/weights'] = (1, 1, 256, 22)
   shapes['logits/semantic/biases'] = (22,)
-  values = random_values({n: shapes[n] for n in convert.LOGITS}, seed=5)
+  values = random_values({n: shapes[n] for n in convert.tf.LOGITS}, seed=5)
   source = convert.Source('ade20k', shapes, lambda n: values.get(n, np.zeros(shapes[n], np.float32)))
   config = model_config('xception_65')
   with pytest.raises(convert.ConversionError, match=re.escape('--logits_classes=1:22')):
@@ -276,11 +280,11 @@ def test_wrong_backbone_gets_a_hint():
 
 
 def test_skip_rules():
-  assert convert._rule_reason('global_step') == 'training step counter'
-  assert convert._rule_reason('aspp0/weights/Momentum') == 'optimizer slot'
-  assert convert._rule_reason('aspp0/weights/ExponentialMovingAverage') == 'moving-average shadow'
-  assert convert._rule_reason('resnet_v1_50/logits/biases').endswith('ImageNet classifier')
-  assert convert._rule_reason('xception_71/logits/weights').endswith('ImageNet classifier')
-  assert convert._rule_reason('logits/semantic/weights') is None
-  assert convert._rule_reason('xception_65/exit_flow/block2/unit_1/xception_module/'
+  assert convert.core._rule_reason('global_step') == 'training step counter'
+  assert convert.core._rule_reason('aspp0/weights/Momentum') == 'optimizer slot'
+  assert convert.core._rule_reason('aspp0/weights/ExponentialMovingAverage') == 'moving-average shadow'
+  assert convert.core._rule_reason('resnet_v1_50/logits/biases').endswith('ImageNet classifier')
+  assert convert.core._rule_reason('xception_71/logits/weights').endswith('ImageNet classifier')
+  assert convert.core._rule_reason('logits/semantic/weights') is None
+  assert convert.core._rule_reason('xception_65/exit_flow/block2/unit_1/xception_module/'
                               'separable_conv3_pointwise/weights') is None

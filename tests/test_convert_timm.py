@@ -17,7 +17,9 @@ import pytest
 from flax import traverse_util
 from reference_data import reference_shapes
 
-from deeplab_jax import convert, convert_timm, defaults, models
+from deeplab_jax import config as config_lib
+from deeplab_jax import convert, models
+from deeplab_jax.convert import timm as convert_timm
 from deeplab_jax.models import resnet, xception
 
 # Other test modules import TensorFlow first; TF and triton both bundle LLVM, and loading triton's
@@ -32,7 +34,7 @@ TOLERANCE = 1e-4  # Max abs difference relative to the feature scale (max |featu
 
 
 def model_config(backbone: str):
-  config = defaults.get_base_config()
+  config = config_lib.get_base_config()
   config.model.backbone = backbone
   return config.model
 
@@ -95,7 +97,7 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 @functools.cache
 def backbone_fn(architecture: str, output_stride: int):
-  """Our backbone at `output_stride`, jitted once: (variables, images 0..255) -> {stride: NHWC}."""
+  """Our backbone at `output_stride`, jitted once: (variables, images 0..255) -> Features."""
   if architecture.startswith('xception'):
     # The grouped depthwise conv compiles faster than CPU's default shift-and-add (equal results).
     module = xception.Xception(architecture, output_stride=output_stride, depthwise_impl='grouped')
@@ -138,11 +140,11 @@ def test_xception65_features_match_timm(xception65, output_stride):
   with torch.no_grad():
     theirs = nhwc(reference.forward_features(nchw(x * 2 / 255 - 1)))
   ours = backbone_fn('xception_65', output_stride)(variables, x)
-  error = relative_error(np.asarray(ours[output_stride]), theirs)
+  error = relative_error(np.asarray(ours.by_stride[output_stride]), theirs)
   print(f'xception65 OS {output_stride}: max |diff| / max |feature| = {error:.2e} '
         f'(scale {np.abs(theirs).max():.3g})')
   assert error <= TOLERANCE
-  assert relative_error(np.asarray(ours[4]), nhwc(taps[4])) <= TOLERANCE
+  assert relative_error(np.asarray(ours.decoder), nhwc(taps[4])) <= TOLERANCE
 
 
 class Subsample(torch.nn.Module):
@@ -199,17 +201,17 @@ def test_resnet50s_features_match_timm_with_tf_slim_strides(resnet50s, output_st
   capture(reference.layer1[1].bn3, taps, 4)  # block1/unit_2 conv3 BN output: the decoder's.
   with torch.no_grad():
     theirs = nhwc(reference.forward_features(nchw(x * 2 / 255 - 1, float64=True)))
-  error = relative_error(np.asarray(ours[output_stride]), theirs)
+  error = relative_error(np.asarray(ours.by_stride[output_stride]), theirs)
   print(f'resnet50s (TF-slim strides) OS {output_stride}: max |diff| / max |feature| = '
         f'{error:.2e} (scale {np.abs(theirs).max():.3g})')
   assert error <= TOLERANCE
-  assert relative_error(np.asarray(ours[4]), nhwc(taps[4])) <= TOLERANCE
+  assert relative_error(np.asarray(ours.decoder), nhwc(taps[4])) <= TOLERANCE
 
   # Unmodified timm strides the first unit of each stage: the same weights compute other features.
   plain = reference_model('resnet50s', state_dict, output_stride=output_stride)
   with torch.no_grad():
     other = nhwc(plain.forward_features(nchw(x * 2 / 255 - 1)))
-  assert relative_error(np.asarray(ours[output_stride]), other) > 0.1
+  assert relative_error(np.asarray(ours.by_stride[output_stride]), other) > 0.1
 
 
 def test_imagenet_normalisation_is_folded_into_the_stem(resnet50s):
@@ -228,7 +230,7 @@ def test_imagenet_normalisation_is_folded_into_the_stem(resnet50s):
     reference.forward_features(nchw((x / 255 - mean) / std, float64=True))
   margin = 3  # Three 3x3 convs see the padding within 3 pixels of the border at stride 2.
   inner = (slice(None), slice(margin, -margin), slice(margin, -margin))
-  assert relative_error(np.asarray(ours[2])[inner], nhwc(taps[2])[inner]) <= TOLERANCE
+  assert relative_error(np.asarray(ours.by_stride[2])[inner], nhwc(taps[2])[inner]) <= TOLERANCE
 
 
 def test_weight_files_map_every_weight(resnet50s, tmp_path):

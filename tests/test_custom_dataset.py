@@ -14,7 +14,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from deeplab_jax.datasets import custom, get_spec, spec
-from deeplab_jax.datasets.custom import DatasetError
+from deeplab_jax.errors import DatasetError
+from deeplab_jax.tools import app, build_dataset, check_dataset
 
 H, W = 32, 48
 CLASSES = ('background', 'crop', 'road')
@@ -63,14 +64,13 @@ def _forget_custom_specs():
 def test_build_and_load(tmp_path):
   make_folder(tmp_path / 'root')
   data_dir = str(tmp_path / 'data')
-  assert custom.main(['build', '--root', str(tmp_path / 'root'), '--name', 'my_fields',
-                       '--data_dir', data_dir]) == 0
+  app.call(build_dataset, ['custom', '--root', str(tmp_path / 'root'), '--name', 'my_fields',
+                           '--data_dir', data_dir])
   # A fresh process knows nothing of `my_fields`: the spec comes back from the dataset's metadata.
   spec._SPECS.pop('my_fields')
   s = get_spec('my_fields', data_dir)
   assert (s.num_classes, s.class_names, s.label_map) == (3, CLASSES, None)
-  assert (s.train_split, s.eval_split, s.image_key, s.label_key) == (
-      'train', 'validation', 'image', 'segmentation_mask')
+  assert (s.image_key, s.label_key) == ('image', 'segmentation_mask')
   assert get_spec('my_fields') is s
   builder = tfds.builder('my_fields', data_dir=data_dir)
   sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
@@ -124,7 +124,7 @@ def test_checker_reports_every_bad_file(tmp_path, capsys):
   assert set(found) == set(expected)
   for path, fragment in expected.items():
     assert fragment in found[path], (path, found[path])
-  assert custom.main(['check', '--root', str(tmp_path / 'root')]) == 1
+  assert app.call(check_dataset, ['--root', str(tmp_path / 'root')]) == 1
   out = capsys.readouterr().out
   assert 'ERROR: masks/field_04.png: label values 3, 200' in out and '8 errors' in out
   # A smaller num_classes than classes.txt is a mismatch, not a silent override.
@@ -162,7 +162,7 @@ def test_dataset_names_that_would_clash_are_refused(tmp_path, name):
 
 
 def test_module_entry_point(tmp_path):
-  """`python -m deeplab_jax.datasets.custom check` runs (the package also imports the module)."""
+  """The older command `python -m deeplab_jax.datasets.custom check` still runs the checker."""
   make_folder(tmp_path / 'root')
   result = subprocess.run(
       [sys.executable, '-m', 'deeplab_jax.datasets.custom', 'check', f'--root={tmp_path / "root"}'],

@@ -1,4 +1,4 @@
-"""`deeplab_jax.flops` reproduces the paper's Multiply-Adds table (PAPER.md, Tables 3 and 5)."""
+"""`deeplab_jax.multiply_adds` reproduces the paper's Multiply-Adds table (Tables 3 and 5)."""
 
 import json
 import subprocess
@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from deeplab_jax import defaults, flops
+from deeplab_jax import config as config_lib
+from deeplab_jax import multiply_adds
 
 MS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 # (backbone, train OS, eval OS, decoder, separable, paper's billions of multiply-adds, tolerance)
@@ -27,7 +28,7 @@ ROWS = [
 
 
 def config_for(backbone, train_os, eval_os, decoder, separable):
-  c = defaults.get_base_config()
+  c = config_lib.get_base_config()
   c.model.backbone = backbone
   c.model.output_stride = train_os
   c.eval.output_stride = eval_os
@@ -39,7 +40,7 @@ def config_for(backbone, train_os, eval_os, decoder, separable):
 @pytest.mark.parametrize('row', ROWS, ids=lambda r: '-'.join(map(str, r[:5])))
 def test_paper_multiply_adds_table(row):
   *setting, paper, tol = row
-  result = flops.count(config_for(*setting))
+  result = multiply_adds.count(config_for(*setting))
   assert result['multiply_adds_tf'] / 1e9 == pytest.approx(paper, rel=tol)
   # A native dilated conv does not pay for TF's space_to_batch grid.
   assert result['multiply_adds'] <= result['multiply_adds_tf']
@@ -51,14 +52,14 @@ def test_paper_multiply_adds_table(row):
 def test_multi_scale_and_flip(eval_os, paper):
   c = config_for('xception_65', 16, eval_os, True, True)
   c.eval.scales, c.eval.flip = MS, True
-  assert flops.count(c)['multiply_adds_tf'] / 1e9 == pytest.approx(paper, rel=0.03)
+  assert multiply_adds.count(c)['multiply_adds_tf'] / 1e9 == pytest.approx(paper, rel=0.03)
 
 
 def test_command_line_prints_one_json_object(tmp_path):
   config = tmp_path / 'config.py'
-  config.write_text('from deeplab_jax import defaults\n\n'
-                    'def get_config():\n  return defaults.get_base_config()\n')
-  out = subprocess.run([sys.executable, '-m', 'deeplab_jax.flops', f'--config={config}',
+  config.write_text('from deeplab_jax.config import get_base_config\n\n'
+                    'def get_config():\n  return get_base_config()\n')
+  out = subprocess.run([sys.executable, '-m', 'deeplab_jax.tools.flops', f'--config={config}',
                         '--config.model.decoder=False', '--config.model.aspp_separable=False',
                         '--config.eval.output_stride=16'],
                        capture_output=True, text=True, check=True).stdout

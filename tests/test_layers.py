@@ -73,7 +73,7 @@ def test_conv_padding_matches_tf_conv2d_same(kernel, stride, rate, size):
     ref = tf.nn.conv2d(tf.pad(x, [[0, 0], [pb, pe], [pb, pe], [0, 0]]), w, stride, 'VALID')
   else:
     ref = tf.nn.conv2d(x, w, stride, 'SAME', dilations=rate)
-  module = layers.Conv2D(4, kernel, stride=stride, rate=rate, use_bn=False, relu=False)
+  module = layers.ConvBN(4, kernel, stride=stride, rate=rate, use_bn=False, activation=None)
   out = module.apply({'params': {'weights': jnp.asarray(w)}}, jnp.asarray(x))
   np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=1e-5)
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deeplab_jax import evaluate, metrics
+from deeplab_jax import inference, metrics, visualize
+from deeplab_jax.models import layers
 
 
 def test_confusion_matrix_counts_and_masks():
@@ -68,11 +69,11 @@ def test_jsonl_writer_appends_scalars(tmp_path):
 
 
 def test_palette_and_colorize():
-  palette = evaluate.voc_palette()
+  palette = visualize.voc_palette()
   np.testing.assert_array_equal(palette[:4], [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]])
   np.testing.assert_array_equal(palette[15], [192, 128, 128])  # VOC 'person'
-  np.testing.assert_array_equal(palette[255], evaluate.IGNORE_COLOUR)
-  image = evaluate.colorize(np.array([[0, 1], [255, 2]]))
+  np.testing.assert_array_equal(palette[255], visualize.IGNORE_COLOUR)
+  image = visualize.colorize(np.array([[0, 1], [255, 2]]))
   assert image.shape == (2, 2, 3) and image.dtype == np.uint8
   np.testing.assert_array_equal(image[0, 1], palette[1])
 
@@ -96,23 +97,23 @@ def test_multi_scale_flip_inference_matches_the_official_recipe():
   images = jnp.asarray(rng.uniform(0, 1, (2, 9, 13, 3)), jnp.float32)
   variables = {'params': {'w': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}}
   probe = _Probe()
-  probs, logits = evaluate.predict(probe, variables, images, scales=(0.5, 1.0, 1.5), flip=True)
+  probs, logits = inference.predict(probe, variables, images, scales=(0.5, 1.0, 1.5), flip=True)
   # Per scale: int((size - 1) * scale + 1); each scale once plain and once flipped.
   assert probe.sizes == [(5, 7), (5, 7), (9, 13), (9, 13), (13, 19), (13, 19)]
   expected_probs, expected_logits = 0.0, 0.0
   for scale in (0.5, 1.0, 1.5):
-    size = evaluate.scaled_size((9, 13), scale)
-    x = evaluate.layers.resize_bilinear(images, size) if scale != 1.0 else images
+    size = inference.scaled_size((9, 13), scale)
+    x = layers.resize_bilinear(images, size) if scale != 1.0 else images
     for flipped in (False, True):
       xi = x[:, :, ::-1] if flipped else x
       out = probe.apply(variables, xi)
       out = out[:, :, ::-1] if flipped else out
-      out = evaluate.layers.resize_bilinear(out, (9, 13))
+      out = layers.resize_bilinear(out, (9, 13))
       expected_probs = expected_probs + jax.nn.softmax(out) / 6
       expected_logits = expected_logits + out / 6
   np.testing.assert_allclose(probs, expected_probs, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
   # Single scale without flip: exactly the model's logits.
-  _, single = evaluate.predict(probe, variables, images)
+  _, single = inference.predict(probe, variables, images)
   np.testing.assert_allclose(single, probe.apply(variables, images), rtol=1e-6)

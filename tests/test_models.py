@@ -9,7 +9,8 @@ import pytest
 from flax import traverse_util
 from reference_data import RESNET_TSV, XCEPTION_TSV, reference_shapes
 
-from deeplab_jax import defaults, models
+from deeplab_jax import config as config_lib
+from deeplab_jax import models
 
 # Full-size DeepLab v3+ (SC ASPP + decoder, 21 classes): parameter counts, the same at every OS.
 PARAMS = {
@@ -24,7 +25,7 @@ PARAMS = {
 
 
 def model_config(backbone='xception_65', **overrides):
-  config = defaults.get_base_config().model
+  config = config_lib.get_base_config().model
   config.backbone = backbone
   for key, value in overrides.items():
     config[key] = value
@@ -54,10 +55,11 @@ def test_full_size_shapes_and_params_at_every_output_stride(backbone):
         lambda v, x, m=backbone_module: m.apply(v, x),
         {'params': variables['params'][models.backbone_scope(backbone)],
          'batch_stats': variables['batch_stats'][models.backbone_scope(backbone)]}, x)
-    assert feats[4].shape[1:3] == (129, 129)
+    assert feats.decoder.shape[1:3] == (129, 129)
+    assert feats.by_stride[4].shape[1:3] == (129, 129)
     size = (512 // os_) + 1
-    assert feats[os_].shape == (2, size, size, 2048), (os_, feats[os_].shape)
-    assert max(feats) == os_
+    assert feats.by_stride[os_].shape == (2, size, size, 2048), (os_, feats.by_stride[os_].shape)
+    assert max(feats.by_stride) == os_
   assert counts == {PARAMS[backbone]}
 
 

@@ -26,42 +26,29 @@ import pytest
 import scipy.stats
 from flax import traverse_util
 
-from deeplab_jax import checkpoint, input_pipeline, metrics, preemption, soak, train
+from deeplab_jax import checkpoint, input_pipeline, metrics, preemption, train
 from deeplab_jax.datasets import shapes
+from deeplab_jax.errors import NonFiniteLossError
+from deeplab_jax.tools import soak
 
 NUM_STEPS = 200
 # Catches a leak of >= 150 KB a step. Over these 200 steps the native allocations of XLA and tf.data
 # still settle by a few MB per 100 steps; the long-run figure of the embedded config comes from
-# `python -m deeplab_jax.soak --config=configs/shapes.py --steps=2500` (README).
+# `python -m deeplab_jax.tools.soak --config=configs/shapes.py --steps=2500` (docs/performance.md).
 SOAK_MAX_MB_PER_100_STEPS = 15.0
 
 CONFIG_FILE = """
-from deeplab_jax import defaults
+from deeplab_jax import config
 
 
 def get_config():
-  c = defaults.get_base_config()
-  m = c.model
-  m.backbone = 'resnet_v1_50_beta'
-  m.width_multiplier = 0.0625
-  m.aspp_channels = 8
-  m.decoder_channels = 8
-  m.low_level_channels = 4
-  m.num_classes = 6
-  m.atrous_rates = (1, 2)  # Below the 3x3 feature map of a 33x33 crop at output stride 16.
-  m.bn_decay = 0.9
-  c.data.dataset = 'deeplab_shapes/tiny'
-  c.data.data_dir = {data_dir!r}
-  c.data.train_split = 'train'
+  c = config.tiny_config(data_dir={data_dir!r})
+  c.model.atrous_rates = (1, 2)  # Below the 3x3 feature map of a 33x33 crop at output stride 16.
   c.data.shuffle_buffer = 32
-  c.train.batch_size = 4
-  c.train.crop_size = (33, 33)
   c.train.num_steps = {num_steps}
   c.train.log_every = 1
   c.train.checkpoint_every = 1000
   c.optim.base_lr = 0.02
-  c.eval.crop_size = (65, 65)
-  c.eval.batch_size = 4
   return c
 """
 
@@ -294,7 +281,7 @@ def test_overflowing_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(se
       yield dict(batch, image=batch['image'] * np.float32(1e36)) if i == 4 else batch
 
   workdir = tmp_path / 'diverged'
-  with pytest.raises(train.NonFiniteLossError, match=r'Non-finite loss or gradient at step 5; '
+  with pytest.raises(NonFiniteLossError, match=r'Non-finite loss or gradient at step 5; '
                      r'training stopped and that state was not saved \(the last good checkpoint '
                      r'is step 4 in .*\)\. Lower config.optim.base_lr'):
     train.train_and_evaluate(config, workdir, run_eval=False, create_train_iterator=overflowing)

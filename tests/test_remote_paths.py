@@ -19,10 +19,10 @@ import pytest
 import tensorflow as tf
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
+from fakes import fake_example, random_variables, tiny_config
 from PIL import Image
-from test_train import fake_example, random_variables, tiny_config
 
-from deeplab_jax import checkpoint, evaluate, metrics, paths, predict, validate
+from deeplab_jax import checkpoint, evaluate, inference, metrics, paths, visualize
 
 
 def _to_ram(path: os.PathLike | str) -> str:
@@ -151,8 +151,8 @@ def test_checkpoint_steps_listed_through_url(fake_gcs):
   assert checkpoint.available_steps(f'{fake_gcs}/w') == [1, 30, 200]
   assert checkpoint.available_steps(checkpoints) == [1, 30, 200]
   assert checkpoint.latest_step(f'{fake_gcs}/w') == 200
-  assert validate._is_step_dir(f'{checkpoints}/30')
-  assert not validate._is_step_dir(f'{checkpoints}/250')
+  assert checkpoint.is_step_dir(f'{checkpoints}/30')
+  assert not checkpoint.is_step_dir(f'{checkpoints}/250')
 
 
 def test_metrics_jsonl_through_url(fake_gcs):
@@ -192,10 +192,10 @@ def test_eval_results_and_images_through_url(fake_gcs, tmp_path):
   assert json.loads(_ram_bytes(path)) == result
   rng = np.random.default_rng(0)
   images = {'eval/input': rng.integers(0, 256, (2, 5, 6, 3), dtype=np.uint8),
-            'eval/prediction': evaluate.colorize(rng.integers(0, 3, (2, 5, 6)))}
-  directory = evaluate.write_images(workdir, 'val/x', 7, images)
+            'eval/prediction': visualize.colorize(rng.integers(0, 3, (2, 5, 6)))}
+  directory = visualize.write_images(workdir, 'val/x', 7, images)
   assert directory == f'{workdir}/eval/val_x_7'
-  local = evaluate.write_images(tmp_path, 'val/x', 7, images)
+  local = visualize.write_images(tmp_path, 'val/x', 7, images)
   names = sorted(p.name for p in paths.to_epath(directory).iterdir())
   assert names == ['0_input.png', '0_prediction.png', '1_input.png', '1_prediction.png']
   for name in names:
@@ -211,10 +211,10 @@ def test_list_images_through_url(fake_gcs):
   for name in ('b.png', 'a.JPG', 'notes.txt'):
     with tf.io.gfile.GFile(_to_ram(f'{directory}/{name}'), 'wb') as f:
       f.write(b'x')
-  assert predict.list_images(directory) == [f'{directory}/a.JPG', f'{directory}/b.png']
-  assert predict.list_images(f'{directory}/b.png') == [f'{directory}/b.png']
+  assert inference.list_images(directory) == [f'{directory}/a.JPG', f'{directory}/b.png']
+  assert inference.list_images(f'{directory}/b.png') == [f'{directory}/b.png']
   with pytest.raises(FileNotFoundError, match='neither an image file nor a directory'):
-    predict.list_images(f'{directory}/missing.png')
+    inference.list_images(f'{directory}/missing.png')
 
 
 def test_predict_reads_and_writes_urls(fake_gcs, tmp_path):
@@ -227,7 +227,7 @@ def test_predict_reads_and_writes_urls(fake_gcs, tmp_path):
   with tf.io.gfile.GFile(_to_ram(f'{fake_gcs}/in/im.png'), 'wb') as f:
     f.write(buffer.getvalue())
   out = f'{fake_gcs}/out'
-  written = predict.predict_images(config, tmp_path / 'wd', f'{fake_gcs}/in', out,
+  written = inference.predict_images(config, tmp_path / 'wd', f'{fake_gcs}/in', out,
                                    save_logits=True)
   assert written == [f'{out}/im.png', f'{out}/im_overlay.png', f'{out}/im_logits.npy']
   logits = np.load(io.BytesIO(_ram_bytes(f'{out}/im_logits.npy')))

@@ -25,7 +25,6 @@ def test_spec_is_registered():
   spec = datasets.get_spec('deeplab_shapes/tiny')
   assert spec.num_classes == 6 and spec.class_names[0] == 'background'
   assert (spec.image_key, spec.label_key) == ('image', 'segmentation_mask')
-  assert (spec.train_split, spec.eval_split) == ('train', 'validation')
 
 
 def test_builds_offline_with_split_sizes(data_dir):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from fakes import fake_train_iterator, random_variables, tiny_config
 from flax import traverse_util
-from test_train import fake_train_iterator, random_variables, tiny_config
 
-from deeplab_jax import models, optim, sharding, train
+from deeplab_jax import models, optim, sharding, train_state
 
 
 def _one_step(config, devices, variables, batch):
@@ -16,8 +16,8 @@ def _one_step(config, devices, variables, batch):
   model = models.build_model(config.model)
   with jax.set_mesh(mesh):
     tx = optim.create_optimizer(config, variables['params'])
-    state = train.create_train_state(variables, tx, mesh)
-    step = train.make_train_step(config, model, tx, mesh)
+    state = train_state.create_train_state(variables, tx, mesh)
+    step = train_state.make_train_step(config, model, tx, mesh)
     new_state, step_metrics = step(state, sharding.global_batch(batch, mesh), jax.random.key(3))
     return jax.device_get((new_state, step_metrics))
 

@@ -9,9 +9,10 @@ import pathlib
 
 import numpy as np
 import pytest
-from test_train import fake_train_iterator, random_variables, tiny_config
+from fakes import fake_train_iterator, random_variables, tiny_config
 
-from deeplab_jax import checkpoint, defaults, train
+from deeplab_jax import checkpoint, train
+from deeplab_jax import config as config_lib
 from deeplab_jax.validate import ConfigError, validate_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -19,7 +20,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 
 def base_config():
   """The official VOC recipe: valid as it is on 4 devices."""
-  return defaults.get_base_config()
+  return config_lib.get_base_config()
 
 
 def check(config, mode='train_and_eval', devices=4, processes=1):
@@ -183,7 +184,7 @@ def test_shipped_configs_are_valid(name):
   spec.loader.exec_module(module)
   config = module.get_config()
   check(config, devices=1)
-  check(train.apply_smoke(config), devices=1)
+  check(config_lib.apply_smoke(config), devices=1)
 
 
 def test_training_validates_before_compiling(tmp_path):

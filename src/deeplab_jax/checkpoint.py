@@ -21,16 +21,13 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from deeplab_jax import paths
+from deeplab_jax.errors import CheckpointError
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 VARIABLE_COLLECTIONS = ('params', 'batch_stats')
 BEST_METRIC = 'miou'
 
 PyTree = Any
-
-
-class CheckpointError(ValueError):
-  """No checkpoint where one is needed, or one that does not fit the model."""
 
 
 def checkpoint_dir(path: str | os.PathLike) -> str:
@@ -44,11 +41,18 @@ def checkpoint_dir(path: str | os.PathLike) -> str:
   return sub
 
 
+def is_step_dir(path: str | os.PathLike) -> bool:
+  """Whether `path` is one finished step directory (`.../checkpoints/1000`)."""
+  path = paths.absolute(path)
+  name = paths.basename(path)
+  return name.isdigit() and not _steps_in(path) and int(name) in _steps_in(paths.dirname(path))
+
+
 def _resolve(path: str | os.PathLike, step: int | None) -> tuple[str, int | None]:
   """(orbax directory, step) of a workdir, a checkpoints dir or one step directory in it."""
   path = paths.absolute(path)
   name, parent = paths.basename(path), paths.dirname(path)
-  if name.isdigit() and not _steps_in(path) and int(name) in _steps_in(parent):
+  if is_step_dir(path):
     if step is not None and int(step) != int(name):
       raise CheckpointError(f'{path!r} is the checkpoint of step {name}, but step {step} was asked '
                             'for; pass the checkpoints directory instead.')
@@ -281,9 +285,3 @@ def _check_shapes(stored: Mapping[str, tuple[tuple, Any]], wanted_flat: Mapping[
         f'Checkpoint {where} does not fit the model: {missing[0]} is missing from the '
         f'checkpoint{more}. Fix: make config.model match the checkpoint (backbone, decoder, '
         'image_pooling, aspp/decoder settings).')
-
-
-def best_step(manager: ocp.CheckpointManager) -> int | None:
-  """The step of the checkpoint with the highest saved `miou` (None without metrics)."""
-  return manager.best_step()
-

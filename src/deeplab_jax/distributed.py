@@ -4,7 +4,7 @@ Every process of a multi-host job (a Cloud TPU pod slice, SLURM tasks on GPU nod
 on one machine) runs the same program and calls `initialize()` before anything touches a device.
 Where the process layout comes from, first match wins:
 
-1. arguments (main.py's `--coordinator_address`, `--num_processes`, `--process_id`);
+1. arguments (the programs' `--coordinator_address`, `--num_processes`, `--process_id`);
 2. environment variables `DEEPLAB_COORDINATOR_ADDRESS`, `DEEPLAB_NUM_PROCESSES`,
    `DEEPLAB_PROCESS_ID` (what `launch/local_multiprocess.py` sets);
 3. the cluster: on a Cloud TPU pod, under SLURM `srun` or Open MPI, plain

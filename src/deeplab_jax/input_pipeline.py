@@ -17,15 +17,13 @@ such pixels silently would be wrong and a guessed mapping would hide a bad `labe
 Shuffling uses a window of `config.data.shuffle_buffer` records (a uniform permutation of the epoch
 when the shard is no larger than that); TFDS already stored the records in a hashed random order.
 
-Run `python -m deeplab_jax.input_pipeline --config=configs/shapes.py --batches=50` to measure the
-training pipeline's throughput (one JSON line).
+TensorFlow runs on the CPU only: the pipeline hides accelerators from it, leaving them to JAX.
+`python -m deeplab_jax.tools.input_throughput --config=CONFIG` measures the training pipeline.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import ml_collections
@@ -33,13 +31,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from deeplab_jax import sharding
 from deeplab_jax.datasets import spec as spec_lib
+from deeplab_jax.datasets.spec import IGNORE_LABEL
+from deeplab_jax.errors import ConfigError, DatasetError
 
 Batch = dict[str, np.ndarray]
-IGNORE_LABEL = spec_lib.IGNORE_LABEL
 
 
-def _hide_accelerators_from_tf() -> None:
+def hide_accelerators_from_tf() -> None:
   """Keep TF on the CPU so it leaves GPU memory to JAX."""
   try:
     tf.config.set_visible_devices([], 'GPU')
@@ -114,10 +114,10 @@ def pad_for_eval(image: tf.Tensor, label: tf.Tensor, name: tf.Tensor, *,
   shape = tf.shape(label)
   fits = tf.logical_and(shape[0] <= crop_h, shape[1] <= crop_w)
   check = tf.debugging.Assert(fits, [
-    'Eval image', name, 'has height, width', shape, f'which exceeds config.eval.crop_size='
-    f'{tuple(crop_size)}. Images are padded, never resized, for evaluation: raise '
-    'config.eval.crop_size to at least the largest image size of the split (ideally '
-    'output_stride * k + 1, e.g. 513 for VOC, (1025, 2049) for Cityscapes).'], summarize=4)
+      'Eval image', name, 'has height, width', shape, f'which exceeds config.eval.crop_size='
+      f'{tuple(crop_size)}. Images are padded, never resized, for evaluation: raise '
+      'config.eval.crop_size to at least the largest image size of the split (ideally '
+      'output_stride * k + 1, e.g. 513 for VOC, (1025, 2049) for Cityscapes).'], summarize=4)
   with tf.control_dependencies([check]):
     image, label = tf.cast(image, tf.float32), tf.cast(label, tf.int32)
   image, label = _pad_bottom_right(image, label, crop_h, crop_w, mean_pixel)
@@ -134,9 +134,9 @@ def check_labels(label: tf.Tensor, num_classes: int, name: tf.Tensor) -> tf.Tens
   def fail():
     values = tf.unique(tf.boolean_mask(label, bad))[0]
     check = tf.debugging.Assert(False, [
-      'Label values', values, 'in', name, f'are neither a class id (0 to {num_classes - 1}) '
-      f'nor {IGNORE_LABEL} (ignore). Fix the DatasetSpec label_map (stored value -> class id or 255) '
-      'or num_classes.'], summarize=20)
+        'Label values', values, 'in', name, f'are neither a class id (0 to {num_classes - 1}) '
+        f'nor {IGNORE_LABEL} (ignore). Fix the DatasetSpec label_map (stored value -> class id or 255) '
+        'or num_classes.'], summarize=20)
     with tf.control_dependencies([check]):
       return tf.identity(label)
 
@@ -147,18 +147,20 @@ def check_labels(label: tf.Tensor, num_classes: int, name: tf.Tensor) -> tf.Tens
 # Reading records.
 
 
-def _prepared_builder(config: ml_collections.ConfigDict, process_count: int
-                      ) -> tfds.core.DatasetBuilder:
-  """The dataset's TFDS builder, prepared on first use when this is a single-process job."""
+def _open_dataset(config: ml_collections.ConfigDict, process_count: int
+                  ) -> tuple[spec_lib.DatasetSpec, tfds.core.DatasetBuilder]:
+  """The dataset's spec and TFDS builder, prepared on first use when this is a single-process job."""
+  hide_accelerators_from_tf()
+  spec = spec_lib.get_spec(config.data.dataset, config.data.data_dir)
   builder = tfds.builder(config.data.dataset, data_dir=config.data.data_dir)
   if not builder.is_prepared():
     if process_count > 1:
-      raise ValueError(f'{config.data.dataset} is not prepared under data_dir='
-                       f'{config.data.data_dir!r}; prepare it once before a multi-process job '
-                       '(e.g. `tfds build` or one single-process run).')
+      raise DatasetError(f'{config.data.dataset} is not prepared under data_dir='
+                         f'{config.data.data_dir!r}; prepare it once before a multi-process job '
+                         '(e.g. `tfds build` or one single-process run).')
     builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return builder
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return spec, builder
 
 
 def _serialized_records(builder: tfds.core.DatasetBuilder, split, spec: spec_lib.DatasetSpec
@@ -206,7 +208,7 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 class _NumpyBatches:
-  """Batches as numpy; a failed data check surfaces as a ValueError carrying its message."""
+  """Batches as numpy; a failed data check surfaces as a DatasetError carrying its message."""
 
   def __init__(self, ds: tf.data.Dataset):
     self._iterator = ds.as_numpy_iterator()
@@ -218,7 +220,7 @@ class _NumpyBatches:
     try:
       return next(self._iterator)
     except tf.errors.InvalidArgumentError as e:
-      raise ValueError(_assertion_text(e.message)) from None
+      raise DatasetError(_assertion_text(e.message)) from None
 
 
 def _assertion_text(message: str) -> str:
@@ -230,13 +232,6 @@ def _assertion_text(message: str) -> str:
   return ' '.join(body.rstrip().removesuffix(']').split('] ['))
 
 
-def _local_batch_size(batch_size: int, process_count: int, what: str) -> int:
-  """This process's share of a global batch, which must split evenly."""
-  if batch_size % process_count:
-    raise ValueError(f'{what}={batch_size} is not divisible by the {process_count} processes.')
-  return batch_size // process_count
-
-
 # ------------------------------------------------------------------------------------------------
 # Public iterators.
 
@@ -245,16 +240,16 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, mean_pixel: Seque
                          process_index: int = 0, process_count: int = 1, start_step: int = 0
                          ) -> tf.data.Dataset:
   """The infinite tf.data pipeline behind `create_train_iterator` (same arguments)."""
-  _hide_accelerators_from_tf()
-  spec = spec_lib.get_spec(config.data.dataset, config.data.get('data_dir'))
-  builder = _prepared_builder(config, process_count)
-  batch_size = _local_batch_size(config.train.batch_size, process_count, 'train.batch_size')
+  spec, builder = _open_dataset(config, process_count)
+  batch_size = sharding.local_batch_size(config.train.batch_size, 'config.train.batch_size',
+                                         process_count)
   split = config.data.train_split
   if process_count > 1:
     split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
   epoch_size = builder.info.splits[split].num_examples
   if epoch_size == 0:
-    raise ValueError(f'{config.data.dataset}: split {split} is empty for process {process_index}.')
+    raise DatasetError(f'{config.data.dataset}: split {split} is empty for process '
+                       f'{process_index}.')
 
   records = _serialized_records(builder, split, spec)
   seed = int(config.train.seed)
@@ -262,7 +257,7 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, mean_pixel: Seque
 
   def epoch(index):
     epoch_seed = tf.random.stateless_uniform(
-      [], tf.stack([tf.constant(seed, tf.int64), index]), 1, 2**62, dtype=tf.int64)
+        [], tf.stack([tf.constant(seed, tf.int64), index]), 1, 2**62, dtype=tf.int64)
     return records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
 
   first = int(start_step) * batch_size
@@ -278,9 +273,9 @@ def create_train_dataset(config: ml_collections.ConfigDict, *, mean_pixel: Seque
     image, label = decode(record)
     example_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
     image, label = augment(
-      image, label, example_seed, crop_size=crop_size, mean_pixel=mean_pixel,
-      min_scale=float(config.data.min_scale), max_scale=float(config.data.max_scale),
-      scale_step=float(config.data.scale_step), flip=bool(config.data.flip))
+        image, label, example_seed, crop_size=crop_size, mean_pixel=mean_pixel,
+        min_scale=float(config.data.min_scale), max_scale=float(config.data.max_scale),
+        scale_step=float(config.data.scale_step), flip=bool(config.data.flip))
     return {'image': image, 'label': label}
 
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -298,8 +293,8 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Sequ
   (train.seed, step, process_index), so a resumed run sees exactly the batches it would have seen.
   """
   return _NumpyBatches(create_train_dataset(
-    config, mean_pixel=mean_pixel, process_index=process_index, process_count=process_count,
-    start_step=start_step))
+      config, mean_pixel=mean_pixel, process_index=process_index, process_count=process_count,
+      start_step=start_step))
 
 
 def create_eval_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Sequence[float],
@@ -312,16 +307,15 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Seque
   bottom/right with the mean pixel and label 255. Every process yields the same number of batches;
   the rows past the end are padding (mean-pixel image, label all 255, valid False).
   """
-  _hide_accelerators_from_tf()
-  spec = spec_lib.get_spec(config.data.dataset, config.data.get('data_dir'))
-  builder = _prepared_builder(config, process_count)
-  batch_size = _local_batch_size(config.eval.batch_size, process_count, 'eval.batch_size')
+  spec, builder = _open_dataset(config, process_count)
+  batch_size = sharding.local_batch_size(config.eval.batch_size, 'config.eval.batch_size',
+                                         process_count)
   split = config.data.eval_split
   total = builder.info.splits[split].num_examples
   if config.eval.num_images is not None and config.eval.num_images < total:
     if '[' in split:
-      raise ValueError(f'data.eval_split={split!r} is already a slice; leave eval.num_images '
-                       'unset or use a plain split name.')
+      raise ConfigError(f'config.data.eval_split={split!r} is already a slice; leave '
+                        'config.eval.num_images unset or use a plain split name.')
     total = int(config.eval.num_images)
     split = f'{split}[:{total}]'
   shards = tfds.even_splits(split, n=process_count) if process_count > 1 else [split]
@@ -340,9 +334,9 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Seque
   ds = _serialized_records(builder, shards[process_index], spec)
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   filler = {
-    'image': tf.broadcast_to(tf.constant(mean_pixel, tf.float32), (*crop_size, 3)),
-    'label': tf.fill(crop_size, tf.constant(IGNORE_LABEL, tf.int32)),
-    'valid': tf.constant(False),
+      'image': tf.broadcast_to(tf.constant(mean_pixel, tf.float32), (*crop_size, 3)),
+      'label': tf.fill(crop_size, tf.constant(IGNORE_LABEL, tf.int32)),
+      'valid': tf.constant(False),
   }
   padding = num_batches * batch_size - sizes[process_index]
   ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(padding))
@@ -350,57 +344,7 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Seque
   return _NumpyBatches(ds), total
 
 
-def pad_to_crop(array: np.ndarray, crop_size: Sequence[int], fill: float | Sequence[float]
-                ) -> np.ndarray:
-  """Pad an image [H, W, C] (fill: the mean pixel) or label [H, W] (fill: 255) at the bottom/right
-  to `crop_size`, as evaluation does; raises if the array is bigger than the crop. An integer image
-  padded with a fractional mean pixel comes back as float32."""
-  height, width = array.shape[:2]
-  crop_h, crop_w = crop_size
-  if height > crop_h or width > crop_w:
-    raise ValueError(f'Image of size {height}x{width} exceeds the crop {crop_h}x{crop_w}; raise '
-                     'the crop size (config.eval.crop_size) to at least the image size.')
-  fill = np.asarray(fill)
-  dtype = array.dtype
-  if np.issubdtype(dtype, np.integer) and np.any(fill != np.round(fill)):
-    dtype = np.dtype(np.float32)
-  out = np.empty((crop_h, crop_w, *array.shape[2:]), dtype)
-  out[...] = fill.astype(dtype)
-  out[:height, :width] = array
-  return out
+if __name__ == '__main__':  # The older spelling of `python -m deeplab_jax.tools.input_throughput`.
+  from deeplab_jax.tools.input_throughput import run
 
-
-# ------------------------------------------------------------------------------------------------
-# Throughput command.
-
-
-def measure_throughput(config: ml_collections.ConfigDict, num_batches: int) -> dict:
-  """Images per second of the training pipeline after one warm-up batch."""
-  from deeplab_jax.models import deeplab  # Only for the mean pixel; keeps jax out of imports.
-
-  iterator = create_train_iterator(config, mean_pixel=deeplab.mean_pixel(config.model.backbone))
-  next(iterator)
-  start = time.perf_counter()
-  for _ in range(num_batches):
-    next(iterator)
-  seconds = time.perf_counter() - start
-  images = num_batches * config.train.batch_size
-  return {'dataset': config.data.dataset, 'batch_size': config.train.batch_size,
-          'crop_size': list(config.train.crop_size), 'batches': num_batches,
-          'seconds': round(seconds, 3), 'images_per_s': round(images / seconds, 1)}
-
-
-def main(argv: Sequence[str]) -> None:
-  del argv
-  print(json.dumps(measure_throughput(_CONFIG.value, _BATCHES.value)))
-
-
-if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
-                                            lock_config=True)
-  _BATCHES = flags.DEFINE_integer('batches', 50, 'Batches to time after one warm-up batch.')
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  run()

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE_LABEL = 255
+from deeplab_jax.datasets.spec import IGNORE_LABEL
+from deeplab_jax.errors import ConfigError
 
 
 def pixel_losses(logits: jax.Array, labels: jax.Array, *, ignore_label: int = IGNORE_LABEL,
@@ -30,7 +31,7 @@ def pixel_losses(logits: jax.Array, labels: jax.Array, *, ignore_label: int = IG
   weights = valid.astype(jnp.float32)
   if class_weights is not None:
     if len(class_weights) != num_classes:
-      raise ValueError(f'config.train.class_weights has {len(class_weights)} entries for '
+      raise ConfigError(f'config.train.class_weights has {len(class_weights)} entries for '
                        f'{num_classes} classes; give one weight per class.')
     weights = weights * jnp.asarray(class_weights, jnp.float32)[safe_labels]
   return losses * weights, valid
@@ -41,7 +42,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, ignore_label: int
                       top_k_percent_pixels: float = 1.0) -> jax.Array:
   """Mean cross-entropy of `logits` [B, H, W, C] against int `labels` [B, H, W] (see module doc)."""
   if not 0.0 < top_k_percent_pixels <= 1.0:
-    raise ValueError(f'config.train.top_k_percent_pixels={top_k_percent_pixels} must be in (0, 1].')
+    raise ConfigError(f'config.train.top_k_percent_pixels={top_k_percent_pixels} must be in (0, 1].')
   losses, valid = pixel_losses(logits, labels, ignore_label=ignore_label,
                                class_weights=class_weights)
   if top_k_percent_pixels >= 1.0:

@@ -153,5 +153,5 @@ def create_writer(workdir: str | os.PathLike) -> metric_writers.MetricWriter:
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   """The records of `WORKDIR/metrics.jsonl` (a local path or a URL), in order of writing."""
   path = paths.join(workdir, METRICS_FILE)
-  with paths.open(path) as f:
+  with paths.open_file(path) as f:
     return [json.loads(line) for line in f if line.strip()]

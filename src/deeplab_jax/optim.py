@@ -17,6 +17,7 @@ import optax
 from flax import traverse_util
 
 from deeplab_jax import models
+from deeplab_jax.errors import ConfigError
 
 WARMUP_MODES = ('linear', 'constant')
 
@@ -32,13 +33,13 @@ def learning_rate_schedule(optim_config: ml_collections.ConfigDict,
   o = optim_config
   poly = optax.polynomial_schedule(init_value=o.base_lr, end_value=o.end_lr, power=o.power,
                                    transition_steps=max(int(num_steps), 1))
-  warmup_steps = int(o.get('warmup_steps', 0) or 0)
+  warmup_steps = int(o.warmup_steps)
   if warmup_steps <= 0:
     return poly
-  mode = o.get('warmup_mode', 'linear')
+  mode = o.warmup_mode
   if mode not in WARMUP_MODES:
-    raise ValueError(f'config.optim.warmup_mode={mode!r}; use one of {WARMUP_MODES}.')
-  warmup_lr = float(o.get('warmup_lr', 0.0))
+    raise ConfigError(f'config.optim.warmup_mode={mode!r}; use one of {WARMUP_MODES}.')
+  warmup_lr = float(o.warmup_lr)
 
   def schedule(step: jax.Array) -> jax.Array:
     if mode == 'linear':
@@ -76,12 +77,12 @@ def create_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Gr
   """
   o = config.optim
   parts = []
-  if o.get('grad_clip_norm', 0.0):
+  if o.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
   if o.weight_decay:
     parts.append(optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask(params)))
   parts.append(optax.sgd(learning_rate_schedule(o, config.train.num_steps), momentum=o.momentum))
-  if config.model.get('freeze_backbone_bn', False):
+  if config.model.freeze_backbone_bn:
     # Frozen BatchNorm: the statistics are not updated (the model uses the moving averages) and the
     # affine gamma/beta are held fixed too, so the layer is a constant per-channel transform.
     parts.append(optax.masked(optax.set_to_zero(), frozen_bn_mask(params, config.model.backbone)))

@@ -60,6 +60,6 @@ def makedirs(path: str | os.PathLike) -> None:
   to_epath(path).mkdir(parents=True, exist_ok=True)
 
 
-def open(path: str | os.PathLike, mode: str = 'r') -> IO:  # noqa: A001 (mirrors the builtin)
+def open_file(path: str | os.PathLike, mode: str = 'r') -> IO:
   """The builtin `open` for local paths and URLs alike."""
   return to_epath(path).open(mode)

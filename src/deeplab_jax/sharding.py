@@ -8,6 +8,7 @@ through reshapes, top-k and resizes instead of asking for explicit annotations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from deeplab_jax.errors import ConfigError
 
 DATA_AXIS = 'data'
 
@@ -36,20 +39,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, field: str = 'config.train.batch_size') -> None:
-  """The global batch must split evenly over devices and processes; say which field to change."""
-  devices = mesh.devices.size
-  processes = jax.process_count()
-  if global_batch <= 0 or global_batch % devices or global_batch % processes:
-    raise ValueError(
-        f'{field}={global_batch} is the global batch over all {devices} devices '
-        f'({processes} process(es)) and must be a positive multiple of {devices}; set it to e.g. '
-        f'{max(devices, (global_batch // devices) * devices or devices)}.')
+def check_batch_size(field: str, batch: object, *, devices: int | None = None,
+                     processes: int | None = None) -> None:
+  """ConfigError unless global batch `field` splits evenly over the devices (None: not checked)
+  and the processes (None: JAX's count)."""
+  processes = jax.process_count() if processes is None else int(processes)
+  step = math.lcm(processes, devices or 1)
+  if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 and batch % step == 0:
+    return
+  where = (f'all {devices} devices ({processes} process(es))' if devices is not None
+           else f'{processes} process(es)')
+  suggestion = max(step, (batch // step) * step) if isinstance(batch, int) else step
+  raise ConfigError(f'{field}={batch!r} is the global batch over {where} and must be a positive '
+                    f'multiple of {step}; set it to e.g. {suggestion}.')
 
 
-def local_batch_size(global_batch: int) -> int:
-  """This process's share of a global batch."""
-  return global_batch // jax.process_count()
+def local_batch_size(global_batch: int, field: str = 'config.train.batch_size',
+                     processes: int | None = None) -> int:
+  """This process's share of global batch `field` (ConfigError unless it splits evenly)."""
+  processes = jax.process_count() if processes is None else int(processes)
+  check_batch_size(field, global_batch, processes=processes)
+  return global_batch // processes
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -9,8 +9,8 @@ warning: they work, but features and labels are then not aligned the way the off
 trained. A checkpoint that does not fit the model is found on restore (`deeplab_jax.checkpoint` reads
 only its metadata), with a message naming its source.
 
-Train, eval and predict call it first, so a bad config fails in seconds instead of after minutes of
-compilation or data preparation.
+`train.train_and_evaluate`, `evaluate.evaluate_checkpoint` and `inference.predict_images` call it
+first, so a bad config fails in seconds instead of after minutes of compilation or data preparation.
 """
 
 from __future__ import annotations
@@ -22,71 +22,74 @@ import jax
 import ml_collections
 from absl import logging
 
-from deeplab_jax import checkpoint, datasets, models, paths
+from deeplab_jax import checkpoint, datasets, models, sharding
+from deeplab_jax.config import eval_output_stride
+from deeplab_jax.errors import ConfigError
 
 MODES = ('train_and_eval', 'train', 'eval', 'predict')
-
-
-class ConfigError(ValueError):
-  """A config that cannot work; the message names the field and the fix."""
 
 
 def validate_config(config: ml_collections.ConfigDict, *, device_count: int | None = None,
                     process_count: int | None = None, mode: str = 'train_and_eval') -> None:
   """Raise `ConfigError` for the first field of `config` that cannot work in `mode`.
 
-  `mode` is one of `MODES`: training fields are checked for the train modes, the eval batch for the
-  modes that evaluate. `device_count` / `process_count` default to JAX's (all processes).
+  `mode` is one of `MODES`: training fields are checked for the train modes, the eval batch and
+  crop for the modes that evaluate, the model and the eval output stride and scales always.
+  `device_count` / `process_count` default to JAX's (all processes).
   """
   if mode not in MODES:
     raise ValueError(f'mode={mode!r}; use one of {MODES}.')
   training = mode in ('train_and_eval', 'train')
   evaluating = mode in ('train_and_eval', 'eval')
-  devices = jax.device_count() if device_count is None else int(device_count)
-  processes = jax.process_count() if process_count is None else int(process_count)
   m, e = config.model, config.eval
 
   if m.backbone not in models.BACKBONES:
     raise ConfigError(f'config.model.backbone={m.backbone!r} is unknown; set it to one of '
                       f'{models.BACKBONES}.')
   _check_output_stride('config.model.output_stride', m.output_stride)
-  eval_os = e.get('output_stride')
-  if eval_os is not None:
-    _check_output_stride('config.eval.output_stride', eval_os)
-  eval_os = eval_os or m.output_stride
+  if e.output_stride is not None:
+    _check_output_stride('config.eval.output_stride', e.output_stride)
+  eval_os = eval_output_stride(config)
   _check_rates(m, m.output_stride)
   if eval_os != m.output_stride:
     _check_rates(m, eval_os)
-  _check_num_classes(config)
+  if mode != 'predict':
+    dataset_spec(config)
 
-  scales = tuple(e.get('scales') or ())
+  scales = tuple(e.scales or ())
   if not scales or any(not s > 0 for s in scales):
     raise ConfigError(f'config.eval.scales={scales} must be one or more positive factors, e.g. '
                       '(1.0,) or (0.5, 0.75, 1.0, 1.25, 1.5, 1.75).')
 
   if training:
     t = config.train
-    _check_batch('config.train.batch_size', t.batch_size, devices, processes)
+    sharding.check_batch_size('config.train.batch_size', t.batch_size,
+                              devices=_devices(device_count), processes=process_count)
     _check_crop('config.train.crop_size', t.crop_size, m.output_stride)
     _check_rates_fit(m, m.output_stride, t.crop_size, 'config.train.crop_size')
     for field in ('num_steps', 'log_every', 'checkpoint_every'):
       _check_positive(f'config.train.{field}', t[field])
     if mode == 'train_and_eval':
       _check_positive('config.eval.every', e.every)
-    weights = t.get('class_weights')
+    weights = t.class_weights
     if weights is not None and len(weights) != m.num_classes:
       raise ConfigError(f'config.train.class_weights has {len(weights)} entries for '
                         f'config.model.num_classes={m.num_classes}; give one weight per class or '
                         'set it to None.')
-    top_k = t.get('top_k_percent_pixels', 1.0)
+    top_k = t.top_k_percent_pixels
     if not 0.0 < top_k <= 1.0:
       raise ConfigError(f'config.train.top_k_percent_pixels={top_k} must be in (0, 1]; 1.0 '
                         'keeps every pixel.')
     _check_init_from(config)
-  if evaluating:
-    _check_batch('config.eval.batch_size', e.batch_size, devices, processes)
+  if evaluating:  # Prediction pads each image to its own size: no crop to fit.
+    sharding.check_batch_size('config.eval.batch_size', e.batch_size,
+                              devices=_devices(device_count), processes=process_count)
     _check_crop('config.eval.crop_size', e.crop_size, eval_os)
     _check_rates_fit(m, eval_os, e.crop_size, 'config.eval.crop_size')
+
+
+def _devices(device_count: int | None) -> int:
+  return jax.device_count() if device_count is None else int(device_count)
 
 
 def _check_output_stride(field: str, value: object) -> None:
@@ -102,20 +105,14 @@ def _check_positive(field: str, value: object) -> None:
 
 def _check_rates(m: ml_collections.ConfigDict, output_stride: int) -> None:
   """Rates set in the config must be positive, also once scaled to `output_stride`."""
-  rates = m.get('atrous_rates')
-  if rates is None:
+  if m.atrous_rates is None:
     return
-  rates = tuple(rates)
+  rates = tuple(m.atrous_rates)
   if not rates or any(not isinstance(r, int) or r < 1 for r in rates):
     raise ConfigError(f'config.model.atrous_rates={rates} must be positive integers (the ASPP '
                       'dilation rates at config.model.output_stride, e.g. (6, 12, 18) at 16), or '
                       'None for the defaults of the output stride.')
-  scaled = tuple(int(round(r * m.output_stride / output_stride)) for r in rates)  # As the model.
-  if any(r < 1 for r in scaled):
-    raise ConfigError(f'config.model.atrous_rates={rates} at config.model.output_stride='
-                      f'{m.output_stride} become {scaled} at config.eval.output_stride='
-                      f'{output_stride}; every rate must stay >= 1: raise the rates or evaluate '
-                      'at a smaller output stride.')
+  models.atrous_rates(m, output_stride)  # Raises when a scaled rate falls below 1.
 
 
 def _check_rates_fit(m: ml_collections.ConfigDict, output_stride: int, crop_size: Sequence[int],
@@ -133,7 +130,7 @@ def _check_rates_fit(m: ml_collections.ConfigDict, output_stride: int, crop_size
   message = (f'ASPP rates {rates} at output stride {output_stride} do not fit {crop_field}='
              f'{tuple(crop_size)}: its feature map is {feature} pixels wide, so the 3x3 taps at rate(s) '
              f'{too_big} fall entirely in padding (those branches act as 1x1 convs).')
-  if m.get('atrous_rates') is not None:
+  if m.atrous_rates is not None:
     raise ConfigError(f'{message} Fix: set config.model.atrous_rates to rates below {feature} '
                       f'(at output stride {output_stride}) or raise {crop_field}.')
   logging.warning('%s Set config.model.atrous_rates (below %d) or a larger crop if that is not '
@@ -152,19 +149,12 @@ def _check_crop(field: str, crop_size: Sequence[int], output_stride: int) -> Non
                     field, crop, output_stride, good)
 
 
-def _check_batch(field: str, batch: object, devices: int, processes: int) -> None:
-  if not isinstance(batch, int) or batch <= 0 or batch % devices or batch % processes:
-    step = math.lcm(devices, processes)
-    suggestion = max(step, (batch // step) * step) if isinstance(batch, int) else step
-    raise ConfigError(f'{field}={batch!r} is the global batch over all {devices} devices '
-                      f'({processes} process(es)) and must be a positive multiple of {step}; set '
-                      f'it to e.g. {suggestion}.')
-
-
-def _check_num_classes(config: ml_collections.ConfigDict) -> None:
+def dataset_spec(config: ml_collections.ConfigDict) -> datasets.DatasetSpec:
+  """The spec of `config.data.dataset`; ConfigError for an unknown dataset or a `num_classes` that
+  disagrees with it."""
   d = config.data
   try:
-    spec = datasets.get_spec(d.dataset, d.get('data_dir'))
+    spec = datasets.get_spec(d.dataset, d.data_dir)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   num_classes = config.model.num_classes
@@ -172,21 +162,15 @@ def _check_num_classes(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.model.num_classes={num_classes} but dataset {d.dataset!r} has '
                       f'{spec.num_classes} classes; set config.model.num_classes='
                       f'{spec.num_classes}.')
+  return spec
 
 
 def _check_init_from(config: ml_collections.ConfigDict) -> None:
-  source = config.get('init_from')
+  source = config.init_from
   if not source:
     return
-  if not checkpoint.available_steps(source) and not _is_step_dir(source):
+  if not checkpoint.available_steps(source) and not checkpoint.is_step_dir(source):
     raise ConfigError(f'config.init_from={source!r} holds no checkpoint (no finished step '
                       f'directory in {checkpoint.checkpoint_dir(source)!r}); point it at a workdir '
                       'or checkpoints directory that has one (e.g. written by deeplab_jax.convert), '
                       'or set it to None.')
-
-
-def _is_step_dir(path: str) -> bool:
-  """Whether `path` is one finished step directory (`.../checkpoints/1000`)."""
-  path = paths.absolute(path)
-  name = paths.basename(path)
-  return name.isdigit() and int(name) in checkpoint.available_steps(paths.dirname(path))

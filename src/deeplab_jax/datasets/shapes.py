@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
-from etils import epath
 
 from deeplab_jax.datasets import spec
 
@@ -28,11 +27,11 @@ NUM_CLASSES = len(CLASS_NAMES)
 # Per class: (colour a, colour b) that its texture pattern mixes. Background clutter uses random
 # colours, so colour alone is a cue, not a give-away; the pattern and the outline decide.
 _CLASS_COLOURS = {
-  1: ((205, 45, 40), (245, 150, 60)),  # disk: red/orange stripes
-  2: ((35, 150, 55), (15, 75, 25)),  # square: green checkerboard
-  3: ((45, 75, 195), (195, 215, 255)),  # triangle: blue with pale dots
-  4: ((225, 200, 40), (120, 95, 10)),  # ring: yellow speckled with brown
-  5: ((150, 50, 170), (235, 170, 240)),  # cross: purple concentric rings
+    1: ((205, 45, 40), (245, 150, 60)),  # disk: red/orange stripes
+    2: ((35, 150, 55), (15, 75, 25)),  # square: green checkerboard
+    3: ((45, 75, 195), (195, 215, 255)),  # triangle: blue with pale dots
+    4: ((225, 200, 40), (120, 95, 10)),  # ring: yellow speckled with brown
+    5: ((150, 50, 170), (235, 170, 240)),  # cross: purple concentric rings
 }
 # Size factors that give every class about the area of a square of side 1.6 * radius.
 _SIZE_FACTOR = {1: 0.9, 2: 1.05, 3: 1.25, 4: 1.05, 5: 1.1}
@@ -61,34 +60,28 @@ class DeeplabShapes(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
-    ShapesConfig(name='default', description='1000 train / 100 validation images, 80-112 px.'),
-    ShapesConfig(name='tiny', description='24 train / 8 validation images, for tests.',
-                 num_train=24, num_validation=8, min_side=48, max_side=64, min_radius=6,
-                 max_radius=14, num_clutter=(2, 6)),
+      ShapesConfig(name='default', description='1000 train / 100 validation images, 80-112 px.'),
+      ShapesConfig(name='tiny', description='24 train / 8 validation images, for tests.',
+                   num_train=24, num_validation=8, min_side=48, max_side=64, min_radius=6,
+                   max_radius=14, num_clutter=(2, 6)),
   ]
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    """This file. TFDS 4.9.10's own lookup imports the `importlib_resources` backport, absent here."""
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(None, None, 3)),
-        'segmentation_mask': tfds.features.Image(shape=(None, None, 1)),
-        'file_name': tfds.features.Text(),
-      }),
-      supervised_keys=('image', 'segmentation_mask'),
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3)),
+            'segmentation_mask': tfds.features.Image(shape=(None, None, 1)),
+            'file_name': tfds.features.Text(),
+        }),
+        supervised_keys=('image', 'segmentation_mask'),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     c = self.builder_config
     return {
-      'train': self._generate_examples('train', c.num_train),
-      'validation': self._generate_examples('validation', c.num_validation),
+        'train': self._generate_examples('train', c.num_train),
+        'validation': self._generate_examples('validation', c.num_validation),
     }
 
   def _generate_examples(self, split: str, count: int) -> Iterator[tuple[str, dict]]:
@@ -253,16 +246,8 @@ def ensure_prepared(data_dir: str | os.PathLike | None, config: str = 'default'
   builder = tfds.builder(f'deeplab_shapes/{config}', data_dir=data_dir)
   if not builder.is_prepared():
     builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder
 
 
-SPEC = spec.register(spec.DatasetSpec(
-  tfds_name='deeplab_shapes',
-  num_classes=NUM_CLASSES,
-  class_names=CLASS_NAMES,
-  image_key='image',
-  label_key='segmentation_mask',
-  train_split='train',
-  eval_split='validation',
-))
+SPEC = spec.register(spec.DatasetSpec('deeplab_shapes', NUM_CLASSES, CLASS_NAMES))

@@ -1,15 +1,26 @@
-"""What the input pipeline needs to know about a TFDS segmentation dataset."""
+"""What the input pipeline needs to know about a TFDS segmentation dataset, and where to find it.
+
+`get_spec(name)` returns the `DatasetSpec` of a dataset: one of this package's (its module is
+imported on first use, which also registers its TFDS builder), one registered with `register`, or
+a custom dataset built into `data_dir` (its spec is read from the stored metadata).
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
-from collections.abc import Callable, Sequence
+import importlib
 
 import numpy as np
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = 255  # Label of pixels that count in neither the loss nor the metrics.
+
+# Dataset name -> the module that registers its spec (and its TFDS builder, except TFDS's own).
+_MODULES = {
+    'deeplab_shapes': 'deeplab_jax.datasets.shapes',
+    'voc2012_segmentation': 'deeplab_jax.datasets.voc',
+    'cityscapes': 'deeplab_jax.datasets.cityscapes',
+    'ade20k': 'deeplab_jax.datasets.ade20k',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +28,8 @@ class DatasetSpec:
   """A TFDS dataset as DeepLab reads it.
 
   `label_map` (256 entries, uint8) maps stored mask values to training labels (class ids, or 255 for
-  ignore), e.g. Cityscapes labelIds -> trainIds; None keeps the stored values.
+  ignore), e.g. Cityscapes labelIds -> trainIds; None keeps the stored values. Which splits to read
+  is the config's (`config.data.train_split`, `eval_split`).
   """
 
   tfds_name: str
@@ -25,8 +37,6 @@ class DatasetSpec:
   class_names: tuple[str, ...]
   image_key: str = 'image'
   label_key: str = 'segmentation_mask'
-  train_split: str = 'train'
-  eval_split: str = 'validation'
   label_map: np.ndarray | None = dataclasses.field(default=None, compare=False, hash=False)
 
   def __post_init__(self):
@@ -39,55 +49,54 @@ _SPECS: dict[str, DatasetSpec] = {}
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:
-  """Make `spec` known to `get_spec` (each dataset module registers its own at import)."""
+  """Make `spec` known to `get_spec`; a different spec under a name already taken is an error."""
+  known = _SPECS.get(spec.tfds_name)
+  if known is not None and (known != spec or not _same_label_map(known, spec)):
+    raise ValueError(f'A different dataset spec is already registered as {spec.tfds_name!r}; '
+                     'pick another name.')
   _SPECS[spec.tfds_name] = spec
   return spec
 
 
-def get_spec(name: str, data_dir: str | None = None) -> DatasetSpec:
-  """The spec of TFDS dataset `name` (the part before any ':version' or '/config').
+def _same_label_map(a: DatasetSpec, b: DatasetSpec) -> bool:
+  if a.label_map is None or b.label_map is None:
+    return a.label_map is b.label_map
+  return np.array_equal(a.label_map, b.label_map)
 
-  A name no dataset module registered may be a custom dataset built into `data_dir`: its spec is
-  read from the dataset's stored metadata (see `deeplab_jax.datasets.custom`).
+
+def base_name(name: str) -> str:
+  """The dataset part of a TFDS name: 'cityscapes/semantic_segmentation:1.0.0' -> 'cityscapes'."""
+  return name.split(':')[0].split('/')[0]
+
+
+def get_spec(name: str, data_dir: str | None = None) -> DatasetSpec:
+  """The spec of TFDS dataset `name` (the part before any ':version' or '/config'); see module doc.
+
+  Raises ValueError naming the known datasets for a name that is none of them.
   """
-  base = name.split(':')[0].split('/')[0]
+  base = base_name(name)
+  if base not in _SPECS and base in _MODULES:
+    importlib.import_module(_MODULES[base])
   if base not in _SPECS:
-    from deeplab_jax.datasets import custom  # noqa: PLC0415  (custom imports this module)
-    spec = custom.stored_spec(name, data_dir)
-    if spec is not None:
-      return register(spec)
-    raise ValueError(f'config.data.dataset={name!r} is not a dataset deeplab_jax knows; known: '
-                     f'{sorted(_SPECS)}. For your own images and masks see '
-                     '`deeplab_jax.datasets.custom`.')
+    spec = stored_spec(name, data_dir)
+    if spec is None:
+      raise ValueError(f'config.data.dataset={name!r} is not a dataset deeplab_jax knows; known: '
+                       f'{sorted(set(_SPECS) | set(_MODULES))}. For your own images and masks '
+                       'see `deeplab_jax.datasets.custom`.')
+    register(spec)
   return _SPECS[base]
 
 
-def prepare(name: str, data_dir: str | None, manual_dir: str | None):
-  """Build TFDS dataset `name` into `data_dir` from the archives in `manual_dir` (never from GCS)."""
-  import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy: only the build commands need it)
+def stored_spec(name: str, data_dir: str | None = None) -> DatasetSpec | None:
+  """The spec of custom dataset `name` built in `data_dir`, from its stored metadata; None when
+  there is no such custom dataset (see `deeplab_jax.datasets.custom`)."""
+  import tensorflow_datasets as tfds  # noqa: PLC0415 - only custom names need TFDS here.
 
-  builder = tfds.builder(name, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
-  return builder
-
-
-def build_main(argv: Sequence[str] | None, *, name: str, manual_dir_help: str,
-               build: Callable[[str | None, str | None], object],
-               errors: tuple[type[Exception], ...], manual_dir_required: bool = False) -> int:
-  """`python -m deeplab_jax.datasets.<module> --manual_dir=DIR [--data_dir=DIR]`: build dataset
-  `name` with `build(data_dir, manual_dir)`; prints the split sizes, or the error (exit status 1)."""
-  parser = argparse.ArgumentParser(prog=f'python -m {build.__module__}',
-                                   description=f'Build the TFDS dataset {name}.')
-  parser.add_argument('--manual_dir', default=None, required=manual_dir_required,
-                      help=manual_dir_help)
-  parser.add_argument('--data_dir', default=None, help='TFDS data_dir (default: TFDS default)')
-  args = parser.parse_args(argv)
   try:
-    builder = build(args.data_dir, args.manual_dir)
-  except errors as e:
-    print(f'build failed, nothing written: {e}', file=sys.stderr)
-    return 1
-  sizes = ', '.join(f'{k}: {v.num_examples}' for k, v in builder.info.splits.items())
-  print(f'{name} in {builder.data_dir}: {sizes}')
-  return 0
+    info = tfds.builder(name, data_dir=data_dir).info
+    metadata = dict(info.metadata or {})
+  except Exception:  # Not built there, or not a dataset at all.
+    return None
+  if not metadata.get('deeplab_custom_segmentation'):
+    return None
+  return DatasetSpec(name, int(metadata['num_classes']), tuple(metadata['class_names']))

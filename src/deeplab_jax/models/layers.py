@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -107,8 +107,8 @@ def _shift_depthwise(x: jax.Array, kernel: jax.Array, stride: int, rate: int,
   """Depthwise conv as k*k shifted multiply-adds over the padded input.
 
   The backward pass is written out (`_shift_depthwise_bwd`) rather than derived: with autodiff XLA
-  keeps the k*k shifted taps of every depthwise conv alive from the forward to the backward pass
-  (18 GB against the grouped conv's 7 GB for an Xception-65 train step at batch 4 and 513x513).
+  keeps the k*k shifted taps of every depthwise conv alive from the forward to the backward pass,
+  several times the memory of the grouped conv (docs/performance.md).
   """
   return _shift_sum(jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))), kernel, stride, rate)
 
@@ -153,8 +153,8 @@ _shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
 def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
   """1x1 conv of NHWC `x` with a (1, 1, C, D) kernel as a matmul over channels (a strided 1x1 conv
   reads every `stride`-th pixel under both SAME and fixed padding). The same numbers as
-  `lax.conv_general_dilated`; XLA:CPU runs the matmul 1.2-2x faster forward and 3-7x faster
-  backward, and GPU/TPU compilers turn 1x1 convs into this matmul anyway."""
+  `lax.conv_general_dilated`; XLA:CPU runs the matmul faster, forward and backward
+  (docs/performance.md), and GPU/TPU compilers turn 1x1 convs into this matmul anyway."""
   if stride > 1:
     x = x[:, ::stride, ::stride]
   return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
@@ -195,15 +195,22 @@ class BatchNorm(nn.Module):
     return x * scale.astype(x.dtype) + shift.astype(x.dtype)
 
 
-class Conv2D(nn.Module):
-  """slim.conv2d: conv (`weights`, HWIO) -> optional BatchNorm -> optional ReLU; `biases` without BN."""
+Activation = Callable[[jax.Array], jax.Array]
+
+
+class ConvBN(nn.Module):
+  """slim.conv2d with its usual arg scope: conv (`weights`, HWIO) -> BatchNorm -> activation.
+
+  `use_bn=False` drops the BatchNorm (then `use_bias` adds `biases`), `activation=None` the
+  activation: `ConvBN(n, use_bn=False, activation=None, use_bias=True)` is a plain conv.
+  """
 
   features: int
   kernel_size: int = 1
   stride: int = 1
   rate: int = 1
   use_bn: bool = True
-  relu: bool = True
+  activation: Activation | None = nn.relu
   use_bias: bool = False
   bn: BatchNormConfig = BatchNormConfig()
   explicit_padding: bool = True
@@ -227,17 +234,18 @@ class Conv2D(nn.Module):
       y = y + self.param('biases', nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
     if self.use_bn:
       y = BatchNorm(self.bn, name='BatchNorm')(y, train)
-    return nn.relu(y) if self.relu else y
+    return self.activation(y) if self.activation is not None else y
 
 
-class DepthwiseConv2D(nn.Module):
-  """slim.separable_conv2d with no pointwise part: `depthwise_weights` (k, k, C, 1) -> BN -> ReLU."""
+class DepthwiseConvBN(nn.Module):
+  """slim.separable_conv2d without its pointwise part: `depthwise_weights` (k, k, C, 1) ->
+  BatchNorm -> activation (either optional, as in `ConvBN`)."""
 
   kernel_size: int = 3
   stride: int = 1
   rate: int = 1
   use_bn: bool = True
-  relu: bool = True
+  activation: Activation | None = nn.relu
   bn: BatchNormConfig = BatchNormConfig()
   explicit_padding: bool = True
   impl: DepthwiseImpl = 'auto'
@@ -253,19 +261,19 @@ class DepthwiseConv2D(nn.Module):
                        padding, self.impl)
     if self.use_bn:
       y = BatchNorm(self.bn, name='BatchNorm')(y, train)
-    return nn.relu(y) if self.relu else y
+    return self.activation(y) if self.activation is not None else y
 
 
 def separable_conv(x: jax.Array, features: int, name: str, *, train: bool,
-                   stride: int = 1, rate: int = 1, relu: bool = True, bn: BatchNormConfig,
-                   impl: DepthwiseImpl, dtype: Any) -> tuple[jax.Array, jax.Array]:
-  """Atrous separable conv as the official `split_separable_conv2d`: `{name}_depthwise` (BN, ReLU)
-  then `{name}_pointwise` 1x1 (BN, ReLU), both children of the calling compact module. Returns the output
-  and the depthwise output."""
-  dw = DepthwiseConv2D(stride=stride, rate=rate, relu=relu, bn=bn, impl=impl, dtype=dtype,
-                       name=f'{name}_depthwise')(x, train)
-  pw = Conv2D(features, 1, relu=relu, bn=bn, dtype=dtype, name=f'{name}_pointwise')(dw, train)
-  return pw, dw
+                   stride: int = 1, rate: int = 1, activation: Activation | None = nn.relu,
+                   bn: BatchNormConfig, impl: DepthwiseImpl, dtype: Any) -> jax.Array:
+  """Atrous separable conv as the official `split_separable_conv2d`: `{name}_depthwise` then
+  `{name}_pointwise` 1x1, each with BatchNorm and `activation`, both children of the calling
+  compact module."""
+  x = DepthwiseConvBN(stride=stride, rate=rate, activation=activation, bn=bn, impl=impl,
+                      dtype=dtype, name=f'{name}_depthwise')(x, train)
+  return ConvBN(features, 1, activation=activation, bn=bn, dtype=dtype,
+                name=f'{name}_pointwise')(x, train)
 
 
 @functools.lru_cache(maxsize=256)

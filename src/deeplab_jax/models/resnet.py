@@ -7,13 +7,14 @@ variants live under the TF scope `resnet_v1_{50,101}`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeplab_jax.models import layers
+from deeplab_jax.models import layers, scopes
 
 ARCHITECTURES: dict[str, tuple[int, int, int, int]] = {
     'resnet_v1_50': (3, 4, 6, 3),
@@ -23,6 +24,7 @@ BASE_DEPTHS = (64, 128, 256, 512)
 BLOCK_STRIDES = (2, 2, 2, 1)
 ROOT_STRIDE = 4
 BATCH_NORM = layers.BatchNormConfig(decay=0.95, epsilon=1e-5)
+DEFAULT_MULTI_GRID = (1, 2, 4)
 
 
 def scope_name(backbone: str) -> str:
@@ -45,73 +47,46 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    conv = lambda *a, **k: layers.Conv2D(*a, bn=self.bn, dtype=self.dtype, **k)  # noqa: E731
+    conv = functools.partial(layers.ConvBN, bn=self.bn, dtype=self.dtype)
     if inputs.shape[-1] == self.depth:
       shortcut = inputs[:, ::self.stride, ::self.stride, :]
     else:
-      shortcut = conv(self.depth, 1, stride=self.stride, relu=False, name='shortcut')(inputs, train)
+      shortcut = conv(self.depth, 1, stride=self.stride, activation=None,
+                      name='shortcut')(inputs, train)
     x = conv(self.depth_bottleneck, 1, name='conv1')(inputs, train)
     x = conv(self.depth_bottleneck, 3, stride=self.stride, rate=self.rate, name='conv2')(x, train)
-    x = conv(self.depth, 1, relu=False, name='conv3')(x, train)
+    x = conv(self.depth, 1, activation=None, name='conv3')(x, train)
     return nn.relu(shortcut.astype(x.dtype) + x), x
 
 
-class _Unit(nn.Module):
-  """The `unit_N` scope, holding one `bottleneck_v1`."""
-
-  module: dict  # Bottleneck fields.
-  remat: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
-    return cls(**self.module, name='bottleneck_v1')(x, train)
-
-
-class _Block(nn.Module):
-  """The `blockN` scope: its units in order. Returns every unit's (output, conv3 output)."""
-
-  units: tuple[dict, ...]
-  remat: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> list[tuple[jax.Array, jax.Array]]:
-    outputs = []
-    for i, unit in enumerate(self.units):
-      x, conv3 = _Unit(unit, self.remat, name=f'unit_{i + 1}')(x, train)
-      outputs.append((x, conv3))
-    return outputs
-
-
 class ResNet(nn.Module):
-  """ResNet-v1 backbone for DeepLab. Returns {stride: feature}; key 4 is the decoder's end point.
+  """ResNet-v1 backbone for DeepLab; returns `scopes.Features`.
 
-  `features[output_stride]` is the backbone output; `features[4]` is `block1/unit_2/bottleneck_v1/
-  conv3` (BatchNorm output before the residual sum), the feature the official decoder takes.
+  The decoder's end point is `block1/unit_2/bottleneck_v1/conv3` (BatchNorm output before the
+  residual sum, in the unit before block1's strided one), as in the official code.
   """
 
   architecture: str = 'resnet_v1_101_beta'
   output_stride: int = 16
-  multi_grid: tuple[int, int, int] = (1, 2, 4)
+  multi_grid: tuple[int, int, int] = DEFAULT_MULTI_GRID
   width_multiplier: float = 1.0
   bn: layers.BatchNormConfig = BATCH_NORM
   dtype: Any = jnp.float32
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False) -> scopes.Features:
     num_units = ARCHITECTURES[scope_name(self.architecture)]
-    width = lambda d: layers.scaled_depth(d, self.width_multiplier)  # noqa: E731
-    conv = lambda *a, **k: layers.Conv2D(*a, bn=self.bn, dtype=self.dtype, **k)  # noqa: E731
+    width = functools.partial(layers.scaled_depth, multiplier=self.width_multiplier)
+    conv = functools.partial(layers.ConvBN, bn=self.bn, dtype=self.dtype)
     if self.architecture.endswith('_beta'):
       x = conv(width(64), 3, stride=2, name='conv1_1')(x, train)
       x = conv(width(64), 3, name='conv1_2')(x, train)
       x = conv(width(128), 3, name='conv1_3')(x, train)
     else:
       x = conv(width(64), 7, stride=2, name='conv1')(x, train)
-    features = {2: x}
+    by_stride = {2: x}
     x = layers.max_pool_same(x, 3, 2)
-    features[4] = x
 
     unit_strides = [[1] * (n - 1) + [s] for n, s in zip(num_units, BLOCK_STRIDES, strict=True)]
     plan = layers.atrous_plan(unit_strides, self.output_stride, ROOT_STRIDE)
@@ -122,12 +97,12 @@ class ResNet(nn.Module):
         unit_rate = self.multi_grid[u] if b == 3 else 1
         units.append(dict(depth=width(BASE_DEPTHS[b] * 4), depth_bottleneck=width(BASE_DEPTHS[b]),
                           stride=unit_stride, rate=rate * unit_rate, bn=self.bn, dtype=self.dtype))
-      outputs = _Block(tuple(units), self.remat, name=f'block{b + 1}')(x, train)
+      outputs = scopes.Block(Bottleneck, 'bottleneck_v1', tuple(units), self.remat,
+                             name=f'block{b + 1}')(x, train)
       for (out, _conv3), (unit_stride, _) in zip(outputs, block_plan, strict=True):
         stride *= unit_stride
-        features[stride] = out
+        by_stride[stride] = out
       x = outputs[-1][0]
-      if b == 0:
-        decoder_feature = outputs[1][1]
-    features[4] = decoder_feature
-    return features
+      if b == 0:  # conv3 of the unit before block1's strided last unit.
+        decoder = outputs[-2][1]
+    return scopes.Features(by_stride, decoder)

@@ -9,13 +9,14 @@ BatchNorm instead. The stride of a module is in its third separable conv.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deeplab_jax.models import layers
+from deeplab_jax.models import layers, scopes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,7 @@ class BlockSpec:
   flow: str  # 'entry_flow' | 'middle_flow' | 'exit_flow'
   name: str  # 'block1', ...
   depths: tuple[int, int, int]
-  skip: str  # 'conv' (1x1 projection shortcut) | 'sum' (identity) | 'none'
+  skip: Literal['conv', 'sum', 'none']  # 1x1 projection shortcut, identity, or no shortcut.
   num_units: int
   stride: int
   activation_inside: bool = False
@@ -51,6 +52,7 @@ ARCHITECTURES: dict[str, list[BlockSpec]] = {
 }
 ROOT_STRIDE = 2
 BATCH_NORM = layers.BatchNormConfig(decay=0.9997, epsilon=1e-3)
+DEFAULT_MULTI_GRID = (1, 1, 1)
 
 
 class XceptionModule(nn.Module):
@@ -60,7 +62,7 @@ class XceptionModule(nn.Module):
   """
 
   depths: tuple[int, int, int]
-  skip: str
+  skip: Literal['conv', 'sum', 'none']
   stride: int
   rates: tuple[int, int, int]
   activation_inside: bool
@@ -75,46 +77,20 @@ class XceptionModule(nn.Module):
     for i in range(3):
       if not self.activation_inside:
         x = nn.relu(x)
-      x, _ = layers.separable_conv(
+      x = layers.separable_conv(
           x, self.depths[i], f'separable_conv{i + 1}', train=train,
-          stride=self.stride if i == 2 else 1, rate=self.rates[i], relu=self.activation_inside,
+          stride=self.stride if i == 2 else 1, rate=self.rates[i],
+          activation=nn.relu if self.activation_inside else None,
           bn=self.bn, impl=self.depthwise_impl, dtype=self.dtype)
       if i == 1:
         end_point = x
     if self.skip == 'conv':
-      shortcut = layers.Conv2D(self.depths[-1], 1, stride=self.stride, relu=False, bn=self.bn,
-                               dtype=self.dtype, name='shortcut')(inputs, train)
+      shortcut = layers.ConvBN(self.depths[-1], 1, stride=self.stride, activation=None,
+                               bn=self.bn, dtype=self.dtype, name='shortcut')(inputs, train)
       x = x + shortcut
     elif self.skip == 'sum':
       x = x + inputs
     return x, end_point
-
-
-class _Unit(nn.Module):
-  """The `unit_N` scope, holding one `xception_module`."""
-
-  module: dict  # XceptionModule fields.
-  remat: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    cls = nn.remat(XceptionModule, static_argnums=(2,)) if self.remat else XceptionModule
-    return cls(**self.module, name='xception_module')(x, train)
-
-
-class _Block(nn.Module):
-  """The `blockN` scope: its units in order. Returns every unit's (output, end point)."""
-
-  units: tuple[dict, ...]
-  remat: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> list[tuple[jax.Array, jax.Array]]:
-    outputs = []
-    for i, unit in enumerate(self.units):
-      x, end_point = _Unit(unit, self.remat, name=f'unit_{i + 1}')(x, train)
-      outputs.append((x, end_point))
-    return outputs
 
 
 class _Flow(nn.Module):
@@ -130,30 +106,31 @@ class _Flow(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array | None, list]:
     stem = None
     if self.stem_depths is not None:
-      x = layers.Conv2D(self.stem_depths[0], 3, stride=2, bn=self.bn, dtype=self.dtype,
+      x = layers.ConvBN(self.stem_depths[0], 3, stride=2, bn=self.bn, dtype=self.dtype,
                         name='conv1_1')(x, train)
-      x = layers.Conv2D(self.stem_depths[1], 3, bn=self.bn, dtype=self.dtype,
+      x = layers.ConvBN(self.stem_depths[1], 3, bn=self.bn, dtype=self.dtype,
                         name='conv1_2')(x, train)
       stem = x
     outputs = []
     for name, units in self.blocks:
-      block_out = _Block(units, self.remat, name=name)(x, train)
+      block_out = scopes.Block(XceptionModule, 'xception_module', units, self.remat,
+                               name=name)(x, train)
       x = block_out[-1][0]
       outputs.extend(block_out)
     return stem, outputs
 
 
 class Xception(nn.Module):
-  """Aligned Xception backbone. Returns {stride: feature}; key 4 is the decoder's end point.
+  """Aligned Xception backbone; returns `scopes.Features`.
 
-  Feature `s` is the last output at stride `s`, so `features[output_stride]` is the backbone output;
-  `features[4]` is the second pointwise conv's BatchNorm output in the unit that goes from stride 4 to
-  8 (`entry_flow/block2/.../separable_conv2_pointwise` for Xception-65), as in the official code.
+  The decoder's end point is the second pointwise conv's BatchNorm output in the unit that goes from
+  stride 4 to 8 (`entry_flow/block2/.../separable_conv2_pointwise` for Xception-65), as in the
+  official code.
   """
 
   architecture: str = 'xception_65'
   output_stride: int = 16
-  multi_grid: tuple[int, int, int] = (1, 1, 1)
+  multi_grid: tuple[int, int, int] = DEFAULT_MULTI_GRID
   width_multiplier: float = 1.0
   depthwise_impl: layers.DepthwiseImpl = 'auto'
   bn: layers.BatchNormConfig = BATCH_NORM
@@ -161,11 +138,11 @@ class Xception(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> dict[int, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool = False) -> scopes.Features:
     blocks = ARCHITECTURES[self.architecture]
     plan = layers.atrous_plan([[b.stride] * b.num_units for b in blocks], self.output_stride,
                               ROOT_STRIDE)
-    width = lambda d: layers.scaled_depth(d, self.width_multiplier)  # noqa: E731
+    width = functools.partial(layers.scaled_depth, multiplier=self.width_multiplier)
     flows: dict[str, list] = {}
     unit_strides = []
     for block, block_plan in zip(blocks, plan, strict=True):
@@ -190,10 +167,11 @@ class Xception(nn.Module):
       x = flow_out[-1][0]
 
     stride = ROOT_STRIDE
-    features = {stride: stem}
+    by_stride = {stride: stem}
+    decoder = None
     for (out, end_point), unit_stride in zip(outputs, unit_strides, strict=True):
       if stride == 4 and unit_stride == 2:
-        features[4] = end_point
+        decoder = end_point
       stride *= unit_stride
-      features[stride] = out
-    return features
+      by_stride[stride] = out
+    return scopes.Features(by_stride, decoder)

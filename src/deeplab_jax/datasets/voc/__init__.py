@@ -17,7 +17,7 @@ else SBD's img/.
 Build (put the official archives VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz in MANUAL_DIR;
 without them the builder downloads them from the official URLs where there is internet):
 
-  python -m deeplab_jax.datasets.voc --manual_dir=MANUAL_DIR --data_dir=DATA_DIR
+  python -m deeplab_jax.tools.build_dataset voc --manual_dir=MANUAL_DIR --data_dir=DATA_DIR
 
 The archives are read in place (the VOC tar by random access, SBD's .tgz in one streaming pass),
 never extracted. Bad input (an unreadable image or mask, an image/mask size mismatch, a label
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 import tarfile
 from collections.abc import Iterator
 
@@ -38,9 +37,9 @@ import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
 
-from deeplab_jax.datasets import custom
-from deeplab_jax.datasets.custom import DatasetError
-from deeplab_jax.datasets.spec import DatasetSpec, build_main, prepare, register
+from deeplab_jax.datasets import builder_io
+from deeplab_jax.datasets.spec import DatasetSpec, register
+from deeplab_jax.errors import DatasetError
 
 NAME = 'voc2012_segmentation'
 VOC_ARCHIVE = 'VOCtrainval_11-May-2012.tar'
@@ -54,9 +53,7 @@ CLASS_NAMES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', '
                'sheep', 'sofa', 'train', 'tvmonitor')
 NUM_CLASSES = len(CLASS_NAMES)
 
-SPEC = register(DatasetSpec(NAME, NUM_CLASSES, CLASS_NAMES, image_key='image',
-                            label_key='segmentation_mask', train_split='train_aug',
-                            eval_split='validation'))
+SPEC = register(DatasetSpec(NAME, NUM_CLASSES, CLASS_NAMES))
 
 # Archive members, matched on the end of the path (a re-packed archive may have another top folder).
 _VOC_JPEG = re.compile(r'(?:^|/)VOC2012/JPEGImages/([^/]+)\.jpg$')
@@ -145,7 +142,7 @@ def _read_sbd(path: str, skip_masks: set[str], have_images: set[str]) -> dict:
         mat, jpeg, lst = _SBD_MAT.search(name), _SBD_JPEG.search(name), _SBD_LIST.search(name)
         if mat and mat.group(1) not in skip_masks:
           data = tar.extractfile(member).read()
-          masks[mat.group(1)] = (name, custom.encode_mask(sbd_mask(data, f'{SBD_ARCHIVE}:{name}')))
+          masks[mat.group(1)] = (name, builder_io.encode_mask(sbd_mask(data, f'{SBD_ARCHIVE}:{name}')))
         elif jpeg and jpeg.group(1) not in have_images:
           images[jpeg.group(1)] = (name, tar.extractfile(member).read())
         elif lst:
@@ -164,10 +161,7 @@ def train_aug_ids(voc_train: list[str], voc_val: list[str], sbd_train: list[str]
   return sorted((set(voc_train) | set(sbd_train) | set(sbd_val)) - set(voc_val))
 
 
-# Under `python -m deeplab_jax.datasets.voc` this file runs twice (as the package's module and as
-# __main__); only the package's copy registers with TFDS, and `main` runs from it.
-class Voc2012Segmentation(tfds.core.GeneratorBasedBuilder,
-                          skip_registration=__name__ == '__main__'):
+class Voc2012Segmentation(tfds.core.GeneratorBasedBuilder):
   """PASCAL VOC 2012 segmentation + SBD (train_aug); see the module docstring."""
 
   name = NAME
@@ -176,20 +170,16 @@ class Voc2012Segmentation(tfds.core.GeneratorBasedBuilder,
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f'Put {VOC_ARCHIVE} ({VOC_URL}) and SBD\'s {SBD_ARCHIVE} ({SBD_URL}) in the manual dir, as '
       'downloaded (do not extract them).')
-  code_path = custom.NO_CODE_PATH
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description='PASCAL VOC 2012 semantic segmentation (21 classes, 255 = ignore) with the '
-                    'SBD augmented training set (train_aug).',
-        features=custom.segmentation_features(),
-        supervised_keys=('image', 'segmentation_mask'),
-        homepage='http://host.robots.ox.ac.uk/pascal/VOC/voc2012/',
-    )
+    return builder_io.segmentation_info(
+        self, 'PASCAL VOC 2012 semantic segmentation (21 classes, 255 = ignore) with the SBD '
+        'augmented training set (train_aug).',
+        homepage='http://host.robots.ox.ac.uk/pascal/VOC/voc2012/')
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    paths = custom.archive_paths(dl_manager, {'voc': (VOC_ARCHIVE, VOC_URL),
-                                              'sbd': (SBD_ARCHIVE, SBD_URL)})
+    paths = builder_io.archive_paths(dl_manager, {'voc': (VOC_ARCHIVE, VOC_URL),
+                                                  'sbd': (SBD_ARCHIVE, SBD_URL)})
     with _VocTar(paths['voc']) as voc:
       lists = {split: voc.split_ids(split) for split in ('train', 'val', 'trainval')}
       voc_masks, voc_images = set(voc.mask), set(voc.jpeg)
@@ -222,30 +212,19 @@ class Voc2012Segmentation(tfds.core.GeneratorBasedBuilder,
                              f'{image_id}.jpg{also}')
         if image_id in voc.mask:
           mask_name = f'{VOC_ARCHIVE}:{voc.mask[image_id]}'
-          mask = custom.read_mask(voc.read(voc.mask[image_id]), mask_name)
+          mask = builder_io.read_mask(voc.read(voc.mask[image_id]), mask_name)
         elif image_id in sbd_masks:
           mask_name = f'{SBD_ARCHIVE}:{sbd_masks[image_id][0]}'
-          mask = custom.read_mask(sbd_masks[image_id][1], mask_name)
+          mask = builder_io.read_mask(sbd_masks[image_id][1], mask_name)
         else:
           also = f' (nor dataset/cls/{image_id}.mat in {SBD_ARCHIVE})' if sbd else ''
           raise DatasetError(f'{VOC_ARCHIVE}: no member VOCdevkit/VOC2012/SegmentationClass/'
                              f'{image_id}.png{also}')
-        yield image_id, custom.checked_example(image, mask, image_id, image_name, mask_name,
+        yield image_id, builder_io.checked_example(image, mask, image_id, image_name, mask_name,
                                                NUM_CLASSES)
 
 
 def build(data_dir: str | None = None, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds `voc2012_segmentation` in `data_dir` from the archives in `manual_dir`."""
-  custom.require_archives(manual_dir, [VOC_ARCHIVE, SBD_ARCHIVE])
-  return prepare(NAME, data_dir, manual_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-  return build_main(argv, name=NAME, manual_dir_help=f'folder holding {VOC_ARCHIVE} and {SBD_ARCHIVE}', build=build,
-                    errors=(DatasetError,))
-
-
-if __name__ == '__main__':
-  from deeplab_jax.datasets import voc
-
-  sys.exit(voc.main())
+  builder_io.require_archives(manual_dir, [VOC_ARCHIVE, SBD_ARCHIVE])
+  return builder_io.prepare(NAME, data_dir, manual_dir)

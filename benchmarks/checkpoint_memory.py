@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Host memory across repeated orbax checkpoint saves, without training: is a rise ours or orbax's?
 
-  python launch/checkpoint_memory.py --tree=small --saves=200            # our manager (OCDBT)
-  python launch/checkpoint_memory.py --tree=small --saves=200 --manager=plain
-  python launch/checkpoint_memory.py --tree=small --saves=200 --manager=plain --no_ocdbt
-  python launch/checkpoint_memory.py --tree=xception_65 --saves=30       # a full VOC train state
+  python benchmarks/checkpoint_memory.py --tree=small --saves=200            # our manager (OCDBT)
+  python benchmarks/checkpoint_memory.py --tree=small --saves=200 --manager=plain
+  python benchmarks/checkpoint_memory.py --tree=small --saves=200 --manager=plain --no_ocdbt
+  python benchmarks/checkpoint_memory.py --tree=xception_65 --saves=30       # a full VOC train state
 
 Saves one tree `--saves` times into a temporary directory and prints one JSON object: the process's
-anonymous memory (`deeplab_jax.soak.anon_rss_mb`: after gc and malloc_trim) at regular intervals and
+anonymous memory (`deeplab_jax.tools.soak.anon_rss_mb`: after gc and malloc_trim) at regular intervals and
 its Theil-Sen slope per save after the first 20% of the saves. `--manager=ours` is
 `deeplab_jax.checkpoint.create_manager` + `save_tree`, as training uses them (async, keep 2 + best);
 `--manager=plain` is a bare `orbax.checkpoint.CheckpointManager(max_to_keep=2)`, so a rise that
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from deeplab_jax import benchmark, checkpoint, defaults, models, soak
+from deeplab_jax import checkpoint, config, models
+from deeplab_jax.tools import benchmark, soak
 
 
 def make_tree(kind: str) -> dict:
@@ -39,9 +40,9 @@ def make_tree(kind: str) -> dict:
                        for i in range(400)},
             'batch_stats': {f'b{i}': jnp.zeros((8,)) for i in range(390)},
             'step': jnp.zeros((), jnp.int32)}
-  config = defaults.get_base_config()
-  config.model.backbone = kind
-  variables = benchmark.synthetic_variables(models.build_model(config.model, 16), (65, 65))
+  c = config.get_base_config()
+  c.model.backbone = kind
+  variables = benchmark.synthetic_variables(models.build_model(c.model, 16), (65, 65))
   params = jax.tree.map(jnp.asarray, variables['params'])
   return {'params': params, 'batch_stats': jax.tree.map(jnp.asarray, variables['batch_stats']),
           'opt_state': jax.tree.map(lambda x: 0.5 * x, params), 'step': jnp.zeros((), jnp.int32)}

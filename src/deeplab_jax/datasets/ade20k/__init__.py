@@ -13,7 +13,7 @@ so the model predicts 150 classes 0..149.
 
 Build (ADEChallengeData2016.zip in MANUAL_DIR, else downloaded from the official URL):
 
-  python -m deeplab_jax.datasets.ade20k --manual_dir=MANUAL_DIR --data_dir=DATA_DIR
+  python -m deeplab_jax.tools.build_dataset ade20k --manual_dir=MANUAL_DIR --data_dir=DATA_DIR
 
 The zip is read in place. An unreadable image or annotation, an image/annotation size mismatch, a
 value above 150 or an image without annotation stops the build with an error naming the member;
@@ -23,16 +23,15 @@ nothing is left behind.
 from __future__ import annotations
 
 import re
-import sys
 import zipfile
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deeplab_jax.datasets import custom
-from deeplab_jax.datasets.custom import DatasetError
-from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, build_main, prepare, register
+from deeplab_jax.datasets import builder_io
+from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, register
+from deeplab_jax.errors import DatasetError
 
 NAME = 'ade20k'
 ARCHIVE = 'ADEChallengeData2016.zip'
@@ -68,9 +67,7 @@ def label_map() -> np.ndarray:
   return lut
 
 
-SPEC = register(DatasetSpec(NAME, NUM_CLASSES, CLASS_NAMES, image_key='image',
-                            label_key='segmentation_mask', train_split='train',
-                            eval_split='validation', label_map=label_map()))
+SPEC = register(DatasetSpec(NAME, NUM_CLASSES, CLASS_NAMES, label_map=label_map()))
 
 _MEMBER = re.compile(r'(?:^|/)ADEChallengeData2016/(images|annotations)/(training|validation)/'
                      r'([^/]+)\.(jpg|png)$')
@@ -91,28 +88,22 @@ def _read(archive: zipfile.ZipFile, name: str) -> bytes:
     raise DatasetError(f'{ARCHIVE}:{name}: unreadable member ({e})') from e
 
 
-# Under `python -m deeplab_jax.datasets.ade20k` this file runs twice (as the package's module and
-# as __main__); only the package's copy registers with TFDS, and `main` runs from it.
-class Ade20k(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == '__main__'):
+class Ade20k(tfds.core.GeneratorBasedBuilder):
   """ADE20K scene parsing (150 classes) from ADEChallengeData2016.zip; see the module docstring."""
 
   name = NAME
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'ADEChallengeData2016 train and validation.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = f'Put {ARCHIVE} ({URL}) in the manual dir (do not extract it).'
-  code_path = custom.NO_CODE_PATH
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description='ADE20K scene parsing benchmark (ADEChallengeData2016): masks hold 0 = other, '
-                    '1..150 = classes.',
-        features=custom.segmentation_features(),
-        supervised_keys=('image', 'segmentation_mask'),
-        homepage='http://sceneparsing.csail.mit.edu/',
-    )
+    return builder_io.segmentation_info(
+        self, 'ADE20K scene parsing benchmark (ADEChallengeData2016): masks hold 0 = other, '
+        '1..150 = classes.',
+        homepage='http://sceneparsing.csail.mit.edu/')
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    path = custom.archive_paths(dl_manager, {'ade': (ARCHIVE, URL)})['ade']
+    path = builder_io.archive_paths(dl_manager, {'ade': (ARCHIVE, URL)})['ade']
     members: dict[str, dict[str, dict[str, str]]] = {s: {} for s in _SPLITS.values()}
     with _open(path) as archive:
       for name in archive.namelist():
@@ -137,24 +128,13 @@ class Ade20k(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == '__m
           raise DatasetError(f'{ARCHIVE}:{names["images"]}: image without annotation (no member '
                              f'{names["images"].replace("/images/", "/annotations/")[:-4]}.png)')
         mask_name = f'{ARCHIVE}:{names["annotations"]}'
-        mask = custom.read_mask(_read(archive, names['annotations']), mask_name)
-        yield stem, custom.checked_example(
+        mask = builder_io.read_mask(_read(archive, names['annotations']), mask_name)
+        yield stem, builder_io.checked_example(
             _read(archive, names['images']), mask, stem, f'{ARCHIVE}:{names["images"]}',
             mask_name, NUM_CLASSES + 1, allow_ignore=False)
 
 
 def build(data_dir: str | None = None, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds `ade20k` in `data_dir` from ADEChallengeData2016.zip in `manual_dir`."""
-  custom.require_archives(manual_dir, [ARCHIVE])
-  return prepare(NAME, data_dir, manual_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-  return build_main(argv, name=NAME, manual_dir_help=f'folder holding {ARCHIVE}', build=build,
-                    errors=(DatasetError,))
-
-
-if __name__ == '__main__':
-  from deeplab_jax.datasets import ade20k
-
-  sys.exit(ade20k.main())
+  builder_io.require_archives(manual_dir, [ARCHIVE])
+  return builder_io.prepare(NAME, data_dir, manual_dir)

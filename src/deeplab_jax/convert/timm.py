@@ -1,4 +1,4 @@
-"""timm state dicts renamed and re-laid-out as official TF variables, for `deeplab_jax.convert`.
+"""timm state dicts renamed and re-laid-out as official TF variables, then converted strictly.
 
 What maps (checked against timm 1.0's `xception_aligned.py` and `resnet.py`):
 
@@ -36,7 +36,8 @@ import ml_collections
 import numpy as np
 
 from deeplab_jax import models
-from deeplab_jax.convert import ConversionError, Report, Source, convert
+from deeplab_jax.convert.core import Report, Source, convert
+from deeplab_jax.errors import ConversionError
 from deeplab_jax.models import resnet, xception
 
 INCEPTION_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -199,19 +200,27 @@ def preprocessing_affine(backbone: str) -> tuple[np.ndarray, np.ndarray]:
   return out[1] - out[0], out[0]
 
 
+def normalisation_change(backbone: str, mean: Sequence[float], std: Sequence[float]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """(s, o) per channel with timm's input t = s * u + o for our preprocessed input u.
+
+  timm feeds t = (x / 255 - mean) / std; we feed u = a x + b, so s = 1 / (255 a std) and
+  o = (-b / (255 a) - mean) / std.
+  """
+  a, b = preprocessing_affine(backbone)
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  return 1.0 / (255.0 * a * std), (-b / (255.0 * a) - mean) / std
+
+
 def fold_input_normalisation(kernel: np.ndarray, moving_mean: np.ndarray, backbone: str,
                              mean: Sequence[float], std: Sequence[float]
                              ) -> tuple[np.ndarray, np.ndarray]:
   """First conv kernel (HWIO) and its BN moving_mean for our input scaling instead of timm's.
 
-  timm feeds t = (x / 255 - mean) / std; we feed u = a x + b, so t = s u + o per channel with
-  s = 1 / (255 a std), o = (-b / (255 a) - mean) / std. The kernel takes s; the constant response
-  to o (exact where the conv window is inside the image) moves into moving_mean.
+  The kernel takes the scale of `normalisation_change`; the constant response to its offset (exact
+  where the conv window is inside the image) moves into moving_mean.
   """
-  a, b = preprocessing_affine(backbone)
-  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-  scale = 1.0 / (255.0 * a * std)
-  offset = (-b / (255.0 * a) - mean) / std
+  scale, offset = normalisation_change(backbone, mean, std)
   kernel64 = np.asarray(kernel, np.float64)
   constant = np.einsum('hwio,i->o', kernel64, offset)
   new_kernel = kernel64 * scale[None, None, :, None]
@@ -228,7 +237,7 @@ def first_conv(backbone: str) -> str:
 
 
 def our_bn_epsilon(backbone: str) -> float:
-  return (xception.BATCH_NORM if backbone.startswith('xception') else resnet.BATCH_NORM).epsilon
+  return models.backbones.backbone_batch_norm(backbone).epsilon
 
 
 def timm_source(state_dict: Mapping[str, Any], timm_model: str, description: str,
@@ -267,9 +276,7 @@ def timm_source(state_dict: Mapping[str, Any], timm_model: str, description: str
                                                              eps_from, eps_to)
     notes.append(f'BatchNorm epsilon {eps_from:g} (timm) -> {eps_to:g} (ours): absorbed into '
                  'moving_variance/gamma, exact at inference.')
-  a, b = preprocessing_affine(backbone)
-  scale = 1.0 / (255.0 * a * np.asarray(std))
-  offset = (-b / (255.0 * a) - np.asarray(mean)) / np.asarray(std)
+  scale, offset = normalisation_change(backbone, mean, std)
   conv = first_conv(backbone)
   if not (np.allclose(scale, 1.0, rtol=0, atol=1e-7) and np.allclose(offset, 0.0, atol=1e-7)):
     kernel_name, mean_name = f'{conv}/weights', f'{conv}/BatchNorm/moving_mean'
@@ -296,7 +303,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], timm_model: str,
   if model_config.backbone != backbone:
     raise ConversionError(f'timm {timm_model} is our {backbone}, but config.model.backbone is '
                           f'{model_config.backbone!r}: set --config.model.backbone={backbone}.')
-  if model_config.get('width_multiplier', 1.0) != 1.0:
+  if model_config.width_multiplier != 1.0:
     raise ConversionError('timm weights are full width: set --config.model.width_multiplier=1.0.')
   state_dict = {k: (v.detach().cpu().numpy() if hasattr(v, 'detach') else v)
                 for k, v in state_dict.items()}

@@ -2,19 +2,19 @@
 
 Run (needs the `parity` extra: torch, torchvision, timm; deeplab_jax for the multiply-add count):
 
-    python launch/pytorch_reference.py                      # infer batch 1 and train batch 4, 513x513
-    python launch/pytorch_reference.py --mode=train --batch=4 --steps=3 --threads=2
-    python launch/pytorch_reference.py --mode=infer --steps=5 --jax_impls=shift,grouped
+    python benchmarks/pytorch_reference.py                      # infer batch 1 and train batch 4, 513x513
+    python benchmarks/pytorch_reference.py --mode=train --batch=4 --steps=3 --threads=2
+    python benchmarks/pytorch_reference.py --mode=infer --steps=5 --jax_impls=shift,grouped
 
-Prints one JSON object per mode with the keys of `python -m deeplab_jax.benchmark` (`compile_s` is
+Prints one JSON object per mode with the keys of `python -m deeplab_jax.tools.benchmark` (`compile_s` is
 the first, untimed step: PyTorch runs eagerly). On a shared machine, compare frameworks within one
-process: `--jax_impls=shift,grouped` also times the JAX model (`deeplab_jax.benchmark.prepare`),
+process: `--jax_impls=shift,grouped` also times the JAX model (`deeplab_jax.tools.benchmark.prepare`),
 step by step in turn with PyTorch, and prints a JSON object per impl with `speedup_vs_torch`. The backbone is timm's `xception65` (random weights,
 `features_only`, output stride 16; its stride-4 feature feeds the decoder); ASPP (1x1, separable 3x3
 at rates 6/12/18, image pooling, concat projection, dropout 0.1) and the decoder (48-channel
 projection, two separable [3x3, 256], logits with bias) are written here. Training: SGD momentum 0.9,
 weight decay 4e-5, cross-entropy ignoring label 255, BatchNorm in training mode. `multiply_adds` is
-the JAX model's count (`deeplab_jax.flops`); `torch_multiply_adds` is this model's own, counted by
+the JAX model's count (`deeplab_jax.multiply_adds`); `torch_multiply_adds` is this model's own, counted by
 `torch.utils.flop_counter`.
 """
 
@@ -123,11 +123,12 @@ def torch_multiply_adds(model: nn.Module, crop: tuple[int, int]) -> int:
 def jax_multiply_adds(crop: tuple[int, int]) -> int | None:
   """The JAX model's count (base config: Xception-65 v3+ SC OS 16), or None without deeplab_jax."""
   try:
-    from deeplab_jax import defaults, flops
+    from deeplab_jax import config as config_lib
+    from deeplab_jax import multiply_adds
   except ImportError:
     return None
-  config = defaults.get_base_config()
-  return int(flops.count(config, crop_size=crop)['multiply_adds'])
+  config = config_lib.get_base_config()
+  return int(multiply_adds.count(config, crop_size=crop)['multiply_adds'])
 
 
 def torch_step(model: nn.Module, mode: str, batch: int, crop: tuple[int, int],
@@ -159,12 +160,12 @@ def torch_step(model: nn.Module, mode: str, batch: int, crop: tuple[int, int],
 
 
 def jax_steps(mode: str, batch: int, crop: tuple[int, int], impls: list[str]) -> dict:
-  """{impl: deeplab_jax.benchmark.Prepared} of the base config (Xception-65 v3+ SC, OS 16)."""
-  from deeplab_jax import benchmark as jax_benchmark
-  from deeplab_jax import defaults
+  """{impl: deeplab_jax.tools.benchmark.Prepared} of the base config (Xception-65 v3+ SC, OS 16)."""
+  from deeplab_jax import config as config_lib
+  from deeplab_jax.tools import benchmark as jax_benchmark
   prepared = {}
   for impl in impls:
-    config = defaults.get_base_config()
+    config = config_lib.get_base_config()
     config.model.depthwise_impl = impl
     config.train.crop_size = config.eval.crop_size = crop
     prepared[impl] = jax_benchmark.prepare(config, mode, batch)
@@ -176,7 +177,7 @@ def jax_calls(calls: dict, prepared: dict, matmul_size: int) -> float:
   `calls`; returns the matmul's FLOP count."""
   import jax
 
-  from deeplab_jax import benchmark as jax_benchmark
+  from deeplab_jax.tools import benchmark as jax_benchmark
   matmul, work = jax_benchmark.matmul_reference(matmul_size)
   for impl, prep in prepared.items():
     calls[f'jax_{impl}'] = lambda c=prep.call: jax.block_until_ready(c())
@@ -186,8 +187,8 @@ def jax_calls(calls: dict, prepared: dict, matmul_size: int) -> float:
 
 
 def jax_summarise(prepared: object, times: list[float], matmul: dict) -> dict:
-  """`deeplab_jax.benchmark.summarise`: the JAX benchmark's JSON for interleaved times."""
-  from deeplab_jax import benchmark as jax_benchmark
+  """`deeplab_jax.tools.benchmark.summarise`: the JAX benchmark's JSON for interleaved times."""
+  from deeplab_jax.tools import benchmark as jax_benchmark
   return jax_benchmark.summarise(prepared, times, matmul)
 
 

@@ -1,11 +1,8 @@
-"""Pretrained weights into deeplab_jax checkpoints: official TF1 DeepLab checkpoints and timm weights.
-
-    python -m deeplab_jax.convert tf --checkpoint=DIR/model.ckpt --config=configs/X.py --output=OUT
-    python -m deeplab_jax.convert timm --model=xception65 --weights=FILE.safetensors \
-        --config=configs/X.py --output=OUT
+"""The conversion core: weights by TF variable name (`Source`) into the model's variables, strictly.
 
 Our parameter paths joined by '/' are the official TF variable names, so a TF checkpoint maps by
-name; timm state dicts are renamed to those names first (`convert_timm`). The conversion is strict:
+name (`convert.tf`); timm state dicts are renamed to those names first (`convert.timm`). The
+conversion is strict:
 every checkpoint variable must be used and every model variable filled, except what a rule skips
 (global step, optimizer slots, moving-average shadows, a backbone checkpoint's ImageNet classifier)
 or `--skip=REGEX` names. A checkpoint holding only a backbone fills the backbone; the head (ASPP,
@@ -18,9 +15,7 @@ of a checkpoint's classes (1:151 for the official ADE20K model). The result is w
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -31,10 +26,11 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from deeplab_jax import models
+from deeplab_jax import caching, checkpoint, models, paths
+from deeplab_jax.errors import ConversionError
 
 Shape = tuple[int, ...]
-COLLECTIONS = ('params', 'batch_stats')
+COLLECTIONS = checkpoint.VARIABLE_COLLECTIONS
 BACKBONE_SCOPES = tuple(sorted({models.backbone_scope(b) for b in models.BACKBONES}))
 
 # Checkpoint variables that are never model weights: (pattern, reason).
@@ -45,10 +41,6 @@ SKIP_RULES: tuple[tuple[str, str], ...] = (
     (r'ExponentialMovingAverage', 'moving-average shadow'),
     ('^({})/logits/'.format('|'.join(BACKBONE_SCOPES)), "backbone checkpoint's ImageNet classifier"),
 )
-
-
-class ConversionError(ValueError):
-  """The source does not fit the model: names, shapes and the fix, all in the message."""
 
 
 @dataclasses.dataclass
@@ -122,22 +114,19 @@ def _preview(names: Sequence[str], n: int = 6) -> str:
 # The model side.
 
 
-_TEMPLATES: dict[str, dict[str, tuple[str, Shape]]] = {}
+@caching.keyed_cache(maxsize=16, key=caching.config_key)
+def _model_variables(model_config: ml_collections.ConfigDict) -> dict[str, tuple[str, Shape]]:
+  shapes = models.variable_shapes(model_config)
+  out = {}
+  for collection in COLLECTIONS:
+    flat = traverse_util.flatten_dict(dict(shapes[collection]), sep='/')
+    out.update({name: (collection, tuple(s.shape)) for name, s in flat.items()})
+  return out
 
 
 def model_variables(model_config: ml_collections.ConfigDict) -> dict[str, tuple[str, Shape]]:
   """{TF name: (collection, shape)} of every variable of the model of `model_config` (cached)."""
-  key = model_config.to_json(sort_keys=True)
-  if key not in _TEMPLATES:
-    model = models.build_model(model_config)
-    x = jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32)
-    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-    out = {}
-    for collection in COLLECTIONS:
-      flat = traverse_util.flatten_dict(dict(shapes.get(collection, {})), sep='/')
-      out.update({name: (collection, tuple(s.shape)) for name, s in flat.items()})
-    _TEMPLATES[key] = out
-  return dict(_TEMPLATES[key])
+  return dict(_model_variables(model_config))
 
 
 def initial_values(model_config: ml_collections.ConfigDict, names: Iterable[str],
@@ -151,7 +140,7 @@ def initial_values(model_config: ml_collections.ConfigDict, names: Iterable[str]
   if not names:
     return {}
   model = models.build_model(model_config)
-  x = jnp.zeros((1, 33, 33, 3), jnp.float32)
+  x = jnp.zeros((1, models.factory.INIT_SIZE, models.factory.INIT_SIZE, 3), jnp.float32)
 
   def init(rng: jax.Array) -> dict[str, jax.Array]:
     variables = model.init(rng, x, train=False)
@@ -296,199 +285,12 @@ def _error_message(source: Source, model_config: ml_collections.ConfigDict,
 
 
 # ----------------------------------------------------------------------------------------------
-# TF1 checkpoints.
-
-
-def resolve_tf_checkpoint(path: str) -> str:
-  """The checkpoint prefix of `path`: a prefix (`DIR/model.ckpt`), or a directory holding one."""
-  import tensorflow as tf
-
-  if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest:
-      return latest
-    indexes = sorted(tf.io.gfile.glob(os.path.join(path, '*.index')))
-    if len(indexes) == 1:
-      return indexes[0][:-len('.index')]
-    raise ConversionError(f'{path} is a directory with {len(indexes)} checkpoints (*.index); pass '
-                          '--checkpoint=DIR/PREFIX, e.g. DIR/model.ckpt.')
-  if not tf.io.gfile.exists(path + '.index'):
-    raise ConversionError(f'No TF checkpoint at {path} ({path}.index does not exist); pass the '
-                          'prefix, e.g. --checkpoint=deeplabv3_pascal_train_aug/model.ckpt.')
-  return path
-
-
-def tf_source(path: str) -> Source:
-  """A TF1 (or TF2 name-based) checkpoint read by variable name with `tf.train.load_checkpoint`."""
-  import tensorflow as tf
-
-  prefix = resolve_tf_checkpoint(path)
-  reader = tf.train.load_checkpoint(prefix)
-  shapes = {name: tuple(int(d) for d in shape)
-            for name, shape in reader.get_variable_to_shape_map().items()}
-
-  def load(name: str) -> np.ndarray:
-    return np.asarray(reader.get_tensor(name), np.float32)
-
-  return Source(description=prefix, shapes=shapes, load=load)
-
-
-def convert_tf(checkpoint_path: str, model_config: ml_collections.ConfigDict,
-               skip: Sequence[str] = (), seed: int = 0, initialise: bool = True,
-               logits_classes: slice | None = None) -> tuple[dict[str, Any], Report]:
-  """Variables of the model of `model_config` from an official TF DeepLab or backbone checkpoint,
-  optionally keeping only classes `logits_classes` of its logits."""
-  source = tf_source(checkpoint_path)
-  if logits_classes is not None:
-    source = select_logits_classes(source, logits_classes)
-  variables, report = convert(source, model_config, skip, seed, initialise)
-  if logits_classes is not None:
-    report.notes.append(f'Kept logits classes {logits_classes.start}:{logits_classes.stop} of the '
-                        'checkpoint.')
-  return variables, report
-
-
-LOGITS = ('logits/semantic/weights', 'logits/semantic/biases')
-
-
-def parse_slice(spec: str) -> slice:
-  """'1:151' -> slice(1, 151); 'START:STOP[:STEP]' with Python's meaning of empty parts."""
-  parts = spec.split(':')
-  if not 2 <= len(parts) <= 3:
-    raise ConversionError(f'--logits_classes={spec!r}: expected START:STOP, e.g. 1:151.')
-  try:
-    return slice(*(int(p) if p.strip() else None for p in parts))
-  except ValueError as e:
-    raise ConversionError(f'--logits_classes={spec!r}: expected integers, e.g. 1:151.') from e
-
-
-def select_logits_classes(source: Source, classes: slice) -> Source:
-  """`source` with only the classes `classes` of the logits (their last axis).
-
-  The official ADE20K checkpoint has 151 logits, class 0 being 'other objects' (ignored); ours
-  predict the 150 real classes, so it converts with classes 1:151.
-  """
-  shapes = dict(source.shapes)
-  for name in LOGITS:
-    if name not in shapes:
-      raise ConversionError(f'--logits_classes given, but {source.description} has no {name}.')
-    count = len(range(shapes[name][-1])[classes])
-    shapes[name] = (*shapes[name][:-1], count)
-
-  def load(name: str) -> np.ndarray:
-    value = source.load(name)
-    return value[..., classes] if name in LOGITS else value
-
-  return dataclasses.replace(source, shapes=shapes, load=load)
-
-
-# ----------------------------------------------------------------------------------------------
 # Writing.
 
 
 def write(output: str, variables: Mapping[str, Any], report: Report, step: int = 0) -> str:
   """Save `variables` as checkpoint `step` of workdir `output`, plus `conversion.json` beside it."""
-  from deeplab_jax import checkpoint, paths
-
   step_dir = checkpoint.save_variables(output, variables, step)
-  with paths.open(paths.join(output, 'conversion.json'), 'w') as f:
+  with paths.open_file(paths.join(output, 'conversion.json'), 'w') as f:
     json.dump(report.to_json(), f, indent=1)
   return step_dir
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line.
-
-
-def define_flags(flag_values: Any = None) -> None:
-  """The command's flags, on `flag_values` (default: absl's global FLAGS)."""
-  from absl import flags
-  from ml_collections import config_flags
-
-  fv = flag_values if flag_values is not None else flags.FLAGS
-  if 'config' not in fv:
-    config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py); default: the base '
-                                    'config (VOC, Xception-65).', lock_config=True, flag_values=fv)
-  flags.DEFINE_string('output', None, 'Workdir to write the converted checkpoint into.',
-                      flag_values=fv)
-  flags.DEFINE_multi_string('skip', [], 'Regex (re.search) of variable names to leave out: matching '
-                            'checkpoint variables are not used, matching model variables keep '
-                            'their initialisation. Repeatable.', flag_values=fv)
-  flags.DEFINE_integer('step', 0, 'Step number of the written checkpoint.', flag_values=fv)
-  flags.DEFINE_string('logits_classes', None, "tf: keep only these classes of the checkpoint's "
-                      'logits, START:STOP (1:151 for the official ADE20K checkpoint, whose class 0 '
-                      'is the ignored "other").', flag_values=fv)
-  flags.DEFINE_string('checkpoint', None, 'tf: TF checkpoint prefix (DIR/model.ckpt) or directory.',
-                      flag_values=fv)
-  flags.DEFINE_string('model', None, 'timm: model name, e.g. xception65, resnet101s.',
-                      flag_values=fv)
-  flags.DEFINE_string('weights', None, 'timm: state dict file (.safetensors, or .pth/.bin read '
-                      'with torch.load(weights_only=True)).', flag_values=fv)
-  flags.DEFINE_list('input_mean', None, "timm: the model's input mean (RGB in [0, 1]); default: "
-                    "timm's for the family.", flag_values=fv)
-  flags.DEFINE_list('input_std', None, "timm: the model's input std (RGB in [0, 1]).",
-                    flag_values=fv)
-  flags.DEFINE_float('bn_epsilon', None, "timm: the model's BatchNorm epsilon; default: timm's "
-                     'for the family.', flag_values=fv)
-
-
-USAGE = ('usage: python -m deeplab_jax.convert {tf,timm} --output=DIR [--config=CONFIG] '
-         '[--checkpoint=PREFIX | --model=NAME --weights=FILE] [--skip=REGEX ...]')
-
-
-def run(argv: Sequence[str], flag_values: Any = None) -> Report:
-  """Convert as the parsed flags say, write the workdir and print the report."""
-  from absl import flags
-
-  f = flag_values if flag_values is not None else flags.FLAGS
-  if len(argv) != 2 or argv[1] not in ('tf', 'timm'):
-    raise SystemExit(USAGE)
-  if not f.output:
-    raise SystemExit('--output=DIR is required (the workdir to write).')
-  from deeplab_jax import checkpoint
-  if f.step in checkpoint.available_steps(f.output):
-    raise SystemExit(f'{f.output} already holds checkpoint step {f.step}: pick another --output '
-                     '(or --step), or delete it.')
-  config = f.config
-  if config is None:
-    from deeplab_jax import defaults
-    config = defaults.get_base_config()
-  seed = int(config.train.seed) if 'train' in config else 0
-  try:
-    if argv[1] == 'tf':
-      if not f.checkpoint:
-        raise SystemExit('tf: --checkpoint=PREFIX is required.\n' + USAGE)
-      classes = parse_slice(f.logits_classes) if f.logits_classes else None
-      variables, report = convert_tf(f.checkpoint, config.model, f.skip, seed,
-                                     logits_classes=classes)
-    else:
-      from deeplab_jax import convert_timm
-      if not (f.model and f.weights):
-        raise SystemExit('timm: --model=NAME and --weights=FILE are required.\n' + USAGE)
-      mean = tuple(float(v) for v in f.input_mean) if f.input_mean else None
-      std = tuple(float(v) for v in f.input_std) if f.input_std else None
-      variables, report = convert_timm.convert_file(
-          f.weights, f.model, config.model, f.skip, seed, input_mean=mean, input_std=std,
-          bn_epsilon=f.bn_epsilon)
-  except ConversionError as e:
-    raise SystemExit(f'error: {e}') from None
-  step_dir = write(f.output, variables, report, f.step)
-  print(report.summary())
-  print(f'Wrote {step_dir}. Evaluate with --workdir={f.output}, or fine-tune from it with '
-        f'--config.init_from={f.output}.')
-  return report
-
-
-def main(argv: Sequence[str]) -> None:
-  run(argv)
-
-
-if __name__ == '__main__':
-  from absl import app
-
-  # Run the imported module, so that one ConversionError class is raised and caught (convert_timm
-  # imports deeplab_jax.convert, which is not this __main__ module).
-  from deeplab_jax import convert as _module
-
-  _module.define_flags()
-  app.run(_module.main)

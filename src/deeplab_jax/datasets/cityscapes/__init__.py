@@ -11,7 +11,7 @@ DeepLab does (it trains on cityscapesScripts' labelTrainIds images, the same map
 Build (needs leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from
 https://www.cityscapes-dataset.com (registration) in MANUAL_DIR; TFDS extracts them, ~12 GB):
 
-  python -m deeplab_jax.datasets.cityscapes --manual_dir=MANUAL_DIR --data_dir=DATA_DIR
+  python -m deeplab_jax.tools.build_dataset cityscapes --manual_dir=MANUAL_DIR --data_dir=DATA_DIR
 
 and train with `config.data.dataset='cityscapes/semantic_segmentation'`. TFDS's builder does no
 input checks of its own beyond its fixed 1024x2048 shapes.
@@ -19,13 +19,11 @@ input checks of its own beyond its fixed 1024x2048 shapes.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import tensorflow_datasets as tfds
 
-from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, build_main, prepare, register
+from deeplab_jax.datasets import builder_io
+from deeplab_jax.datasets.spec import IGNORE_LABEL, DatasetSpec, register
 
 NAME = 'cityscapes'
 CONFIG = 'semantic_segmentation'
@@ -50,28 +48,9 @@ def label_map() -> np.ndarray:
 
 
 SPEC = register(DatasetSpec(NAME, NUM_CLASSES, CLASS_NAMES, image_key='image_left',
-                            label_key='segmentation_label', train_split='train',
-                            eval_split='validation', label_map=label_map()))
+                            label_key='segmentation_label', label_map=label_map()))
 
 
 def build(data_dir: str | None = None, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """Builds `cityscapes/semantic_segmentation` in `data_dir` from the zips in `manual_dir`."""
-  if importlib.util.find_spec('importlib_resources') is None:
-    # tensorflow-datasets 4.9.10 imports it in every download_and_prepare of its own builders but
-    # declares it only for Python < 3.9.
-    raise RuntimeError('TFDS needs the importlib_resources package to build cityscapes: '
-                       'pip install importlib_resources')
-  return prepare(f'{NAME}/{CONFIG}', data_dir, manual_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-  return build_main(
-      argv, name=f'{NAME}/{CONFIG}', build=build, errors=(RuntimeError,),
-      manual_dir_help='folder holding leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip',
-      manual_dir_required=True)
-
-
-if __name__ == '__main__':
-  from deeplab_jax.datasets import cityscapes
-
-  sys.exit(cityscapes.main())
+  return builder_io.prepare(f'{NAME}/{CONFIG}', data_dir, manual_dir)
