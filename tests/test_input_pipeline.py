@@ -173,6 +173,24 @@ def test_each_epoch_is_a_fresh_permutation(data_dir):
   assert first != second
 
 
+def test_the_global_batch_does_not_depend_on_the_process_count(data_dir):
+  """Each process yields its rows of the one global batch: same images, same augmentation."""
+  config = _config(data_dir)  # Augmentation on: the rows must match bit for bit.
+  single = _take(config, 8)  # 24 images / batch 4: 6 steps an epoch, so 8 cross an epoch boundary.
+  for processes in (2, 4):
+    parts = [_take(config, 8, process_index=p, process_count=processes) for p in range(processes)]
+    for step, whole in enumerate(single):
+      for key in ('image', 'label'):
+        np.testing.assert_array_equal(
+            np.concatenate([part[step][key] for part in parts]), whole[key], err_msg=(processes, step))
+  # A resumed process produces its rows of the same steps.
+  resumed = _take(config, 3, process_index=1, process_count=2, start_step=5)
+  for i, batch in enumerate(resumed):
+    np.testing.assert_array_equal(batch['image'], single[5 + i]['image'][2:])
+  with pytest.raises(ValueError, match='positive multiple of 3'):
+    _take(config, 1, process_index=0, process_count=3)
+
+
 def test_processes_read_disjoint_shards(data_dir):
   config = _identity_config(data_dir)
   shards = [_fingerprints(_take(config, 6, process_index=p, process_count=2)) for p in (0, 1)]
@@ -180,8 +198,13 @@ def test_processes_read_disjoint_shards(data_dir):
     assert len(prints) == 12 and len(set(prints)) == 12  # 2 per batch, 12 per epoch each.
   assert not set(shards[0]) & set(shards[1])
   assert set(shards[0]) | set(shards[1]) == set(_fingerprints(_take(config, 6)))
-  with pytest.raises(ValueError, match='positive multiple of 3'):
-    _take(config, 1, process_index=0, process_count=3)
+
+
+def test_a_split_smaller_than_the_batch_is_an_error(data_dir):
+  config = _config(data_dir)
+  config.train.batch_size = 32
+  with pytest.raises(ValueError, match='24 examples, fewer than config.train.batch_size=32'):
+    _take(config, 1)
 
 
 def test_eval_iterator_pads_images_and_batches(data_dir):

@@ -127,14 +127,20 @@ def save_tree(manager: ocp.CheckpointManager, step: int, tree: PyTree,
                metrics=dict(metrics) if metrics is not None else None, force=True)
 
 
-def restore_tree(manager: ocp.CheckpointManager, step: int, abstract_tree: PyTree) -> PyTree:
-  """Restore the whole checkpoint `step` into the structure, shapes and shardings of `abstract_tree`.
+def restore_tree(manager: ocp.CheckpointManager, step: int, abstract_tree: Mapping[str, PyTree], *,
+                 optional: Iterable[str] = ()) -> dict[str, PyTree]:
+  """Restore checkpoint `step` into the structure, shapes and shardings of `abstract_tree`.
 
-  `abstract_tree` holds `jax.ShapeDtypeStruct`s (with shardings) or arrays. Shapes are checked first.
+  `abstract_tree` maps names to `jax.ShapeDtypeStruct`s (with shardings) or arrays. Shapes are
+  checked first. Top-level entries named in `optional` may be absent from the checkpoint (one
+  written before they existed); they are then absent from the result.
   """
   manager.wait_until_finished()
   directory = os.fspath(manager.directory)
-  _check_shapes(_stored_shapes(manager, step), _flatten(abstract_tree), f'{directory}/{step}')
+  stored = _stored_shapes(manager, step)
+  abstract_tree = {k: v for k, v in abstract_tree.items()
+                   if k not in optional or any(n == k or n.startswith(f'{k}/') for n in stored)}
+  _check_shapes(stored, _flatten(abstract_tree), f'{directory}/{step}')
   return manager.restore(int(step), args=ocp.args.PyTreeRestore(
       item=abstract_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_tree)))
 

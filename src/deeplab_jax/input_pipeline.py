@@ -4,18 +4,26 @@ Training follows the official DeepLab recipe: random scale in [min_scale, max_sc
 scale_step; bilinear for images, nearest for labels, both with aligned corners), padding to the crop
 with the mean pixel (images) and 255 (labels), a random crop and a random left-right flip.
 
-Determinism and exact resume: the batches are a pure function of (train.seed, step, process_index).
-Each epoch visits this process's shard in an order shuffled with a seed derived from (seed, epoch);
-each example's augmentation uses stateless random ops seeded by (seed, process_index, its position in
-the stream). `start_step=k` starts reading at epoch (k*B)//N and skips the remaining records *before*
-they are decoded, so resuming costs a file read, not a decode of every skipped image.
+Determinism, topology and exact resume: the *global* batch of step s is a pure function of
+(train.seed, s) alone: the same images with the same augmentation in the same rows, whatever the
+number of processes and devices, so a run gives the same numbers on 1 process x 4 devices or 2 x 2
+and resumes exactly on another slice size. The global batch has B rows ("lanes"). In epoch e the
+split's N records, in stored order rotated by an offset drawn from (seed, e), are cut into B
+contiguous lanes of L = N // B records (the N mod B left over change from epoch to epoch); lane r is
+shuffled (seed, e, r) and its t-th record fills row r of step e * L + t. Each row's augmentation is
+seeded by (seed, its global position s * B + r). A process owns the contiguous rows
+[p * B/P, (p+1) * B/P) and reads only its lanes' records, so reading, decoding and augmenting per
+process fall as processes are added. `start_step=k` starts at epoch k // L and skips the records of
+the steps before k *before* they are decoded, so resuming costs a file read, not a decode of every
+skipped image.
 
 Labels: masks go through the dataset's `label_map` (if any); any value then outside [0, num_classes)
 other than 255 stops the pipeline with an error naming the value and the image, because training on
 such pixels silently would be wrong and a guessed mapping would hide a bad `label_map`.
 
-Shuffling uses a window of `config.data.shuffle_buffer` records (a uniform permutation of the epoch
-when the shard is no larger than that); TFDS already stored the records in a hashed random order.
+Shuffling: each lane is shuffled in a window of `config.data.shuffle_buffer // B` records (a uniform
+permutation of the lane when it is no longer than that); TFDS already stored the records in a hashed
+random order, and the lanes change with the offset every epoch.
 
 TensorFlow runs on the CPU only: the pipeline hides accelerators from it, leaving them to JAX.
 `python -m deeplab_jax.tools.input_throughput --config=CONFIG` measures the training pipeline.
@@ -236,65 +244,109 @@ def _assertion_text(message: str) -> str:
 # Public iterators.
 
 
-def create_train_dataset(config: ml_collections.ConfigDict, *, mean_pixel: Sequence[float],
-                         process_index: int = 0, process_count: int = 1, start_step: int = 0
-                         ) -> tf.data.Dataset:
-  """The infinite tf.data pipeline behind `create_train_iterator` (same arguments)."""
+def _split_pieces(builder: tfds.core.DatasetBuilder, split: str) -> list[tuple[str, int, int]]:
+  """The (split name, from, to) record ranges a split spec ('train', 'train[:80%]+validation')
+  reads, in order."""
+  splits = builder.info.splits
+  instruction = tfds.core.ReadInstruction.from_spec(split)
+  return [(a.splitname, a.from_ or 0, splits[a.splitname].num_examples if a.to is None else a.to)
+          for a in instruction.to_absolute(splits)]
+
+
+def _record_range(builder: tfds.core.DatasetBuilder, spec: spec_lib.DatasetSpec,
+                  pieces: Sequence[tuple[str, int, int]], start: int, stop: int) -> tf.data.Dataset:
+  """Records [start, stop) of the split (`pieces` in order, indices modulo its size), encoded."""
+  total = sum(b - a for _, a, b in pieces)
+  ranges = [(start % total, min(stop - start, total - start % total))]
+  if stop - start > ranges[0][1]:
+    ranges.append((0, stop - start - ranges[0][1]))
+  parts = []
+  for first, count in ranges:
+    offset = 0
+    for name, a, b in pieces:
+      lo, hi = max(first, offset), min(first + count, offset + b - a)
+      if lo < hi:
+        parts.append(_serialized_records(
+            builder, f'{name}[{a + lo - offset}:{a + hi - offset}]', spec))
+      offset += b - a
+  ds = parts[0]
+  for part in parts[1:]:
+    ds = ds.concatenate(part)
+  return ds
+
+
+def _seed(*values: int) -> int:
+  """A 62-bit seed drawn from `values` (the same on every process and run)."""
+  return int(np.random.default_rng([int(v) for v in values]).integers(1, 2**62))
+
+
+_ROTATION, _LANE = 1, 2  # Separate seed streams for the epoch offset and the lane shuffles.
+
+
+def create_train_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Sequence[float],
+                          process_index: int = 0, process_count: int = 1, start_step: int = 0
+                          ) -> Iterator[Batch]:
+  """This process's rows of the global training batches from step `start_step` on, forever.
+
+  Yields {'image': float32 [b, H, W, 3] in [0, 255], 'label': int32 [b, H, W]} with
+  b = train.batch_size // process_count and (H, W) = train.crop_size: rows
+  [process_index * b, (process_index + 1) * b) of each global batch, which is a pure function of
+  (train.seed, step) (see the module docstring).
+  """
   spec, builder = _open_dataset(config, process_count)
-  batch_size = sharding.local_batch_size(config.train.batch_size, 'config.train.batch_size',
-                                         process_count)
+  global_batch = int(config.train.batch_size)
+  rows = sharding.local_batch_size(global_batch, 'config.train.batch_size', process_count)
   split = config.data.train_split
-  if process_count > 1:
-    split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
-  epoch_size = builder.info.splits[split].num_examples
-  if epoch_size == 0:
-    raise DatasetError(f'{config.data.dataset}: split {split} is empty for process '
-                       f'{process_index}.')
-
-  records = _serialized_records(builder, split, spec)
+  pieces = _split_pieces(builder, split)
+  size = sum(b - a for _, a, b in pieces)
+  lane_length = size // global_batch
+  if lane_length == 0:
+    raise DatasetError(f'{config.data.dataset}: split {split!r} has {size} examples, fewer than '
+                       f'config.train.batch_size={global_batch}; use a smaller batch.')
   seed = int(config.train.seed)
-  buffer = max(1, min(int(config.data.shuffle_buffer), epoch_size))
-
-  def epoch(index):
-    epoch_seed = tf.random.stateless_uniform(
-        [], tf.stack([tf.constant(seed, tf.int64), index]), 1, 2**62, dtype=tf.int64)
-    return records.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-
-  first = int(start_step) * batch_size
-  first_epoch, offset = divmod(first, epoch_size)
-  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-  ds = ds.enumerate(start=first_epoch * epoch_size).skip(offset)  # Skipped while still encoded.
-
+  buffer = max(1, min(lane_length, int(config.data.shuffle_buffer) // global_batch))
   decode = _decoder(builder, spec)
-  base_seed = tf.constant([seed, process_index], tf.int64)
+  base_seed = tf.constant([seed, 0], tf.int64)
   crop_size = tuple(config.train.crop_size)
+  first_row = process_index * rows
 
-  def process(position, record):
+  def process(record):
     image, label = decode(record)
-    example_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
+    example_seed = tf.random.experimental.stateless_fold_in(base_seed, record['position'])
     image, label = augment(
         image, label, example_seed, crop_size=crop_size, mean_pixel=mean_pixel,
         min_scale=float(config.data.min_scale), max_scale=float(config.data.max_scale),
         scale_step=float(config.data.scale_step), flip=bool(config.data.flip))
     return {'image': image, 'label': label}
 
-  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  return _options(ds.prefetch(config.data.prefetch))
+  def epoch(index: int, skip_steps: int) -> tf.data.Dataset:
+    offset = _seed(seed, _ROTATION, index) % size
+    lanes = []
+    for lane in range(first_row, first_row + rows):
+      start = offset + lane * lane_length
+      records = _record_range(builder, spec, pieces, start, start + lane_length)
+      lanes.append(records.shuffle(buffer, seed=_seed(seed, _LANE, index, lane),
+                                   reshuffle_each_iteration=False))
+    steps = tf.data.Dataset.zip(tuple(lanes)).skip(skip_steps)
+    steps = steps.enumerate(start=index * lane_length + skip_steps)
 
+    def step_rows(step, records):
+      positions = step * global_batch + first_row + tf.range(rows, dtype=tf.int64)
+      stacked = {k: tf.stack([r[k] for r in records]) for k in ('image', 'label', 'name')}
+      return tf.data.Dataset.from_tensor_slices({**stacked, 'position': positions})
 
-def create_train_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Sequence[float],
-                          process_index: int = 0, process_count: int = 1, start_step: int = 0
-                          ) -> Iterator[Batch]:
-  """This process's training batches from step `start_step` on, forever.
+    ds = steps.flat_map(step_rows)  # Still encoded: skipped steps were never decoded.
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(rows, drop_remainder=True)
+    return _options(ds.prefetch(config.data.prefetch))
 
-  Yields {'image': float32 [B, H, W, 3] in [0, 255], 'label': int32 [B, H, W]} with
-  B = train.batch_size // process_count and (H, W) = train.crop_size; a pure function of
-  (train.seed, step, process_index), so a resumed run sees exactly the batches it would have seen.
-  """
-  return _NumpyBatches(create_train_dataset(
-      config, mean_pixel=mean_pixel, process_index=process_index, process_count=process_count,
-      start_step=start_step))
+  def batches() -> Iterator[Batch]:
+    index, skip_steps = divmod(int(start_step), lane_length)
+    while True:
+      yield from _NumpyBatches(epoch(index, skip_steps))
+      index, skip_steps = index + 1, 0
+
+  return batches()
 
 
 def create_eval_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Sequence[float],

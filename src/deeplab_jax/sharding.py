@@ -51,7 +51,8 @@ def check_batch_size(field: str, batch: object, *, devices: int | None = None,
            else f'{processes} process(es)')
   suggestion = max(step, (batch // step) * step) if isinstance(batch, int) else step
   raise ConfigError(f'{field}={batch!r} is the global batch over {where} and must be a positive '
-                    f'multiple of {step}; set it to e.g. {suggestion}.')
+                    f'multiple of {step}; set it to e.g. {suggestion}, or run on a number of '
+                    'devices and processes that divides it (a resumed run keeps its global batch).')
 
 
 def local_batch_size(global_batch: int, field: str = 'config.train.batch_size',

@@ -105,7 +105,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
   try:
     if resumable:
       logging.info('Resuming from checkpoint step %d in %s.', resumable[-1], workdir)
-      state, train_rng = train_state.restore_state(manager, resumable[-1], state, train_rng, mesh)
+      state, train_rng = train_state.restore_state(manager, resumable[-1], state, train_rng, mesh,
+                                                   t.batch_size)
     elif steps:  # Variables only (e.g. converted weights saved into the workdir): start from them.
       state = train_state.initialise_from(config, state, workdir, mesh, steps[-1])
     elif config.init_from:
@@ -160,7 +161,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
       eval_metrics = {checkpoint.BEST_METRIC: result['miou']}
     if do_save:
       with report.timed('checkpoint'):
-        checkpoint.save_tree(manager, step, train_state.checkpoint_tree(state, train_rng),
+        checkpoint.save_tree(manager, step,
+                             train_state.checkpoint_tree(state, train_rng, t.batch_size),
                              eval_metrics)
     if stopping:
       manager.wait_until_finished()

@@ -6,15 +6,17 @@ BatchNorm statistics are over the global batch (synchronised BatchNorm; see `sha
 loss or gradient is not finite leaves the state unchanged and records its number in
 `state.nonfinite_step`; `check_finite` turns that into `NonFiniteLossError`.
 
-Checkpoints hold `step`, `params`, `batch_stats`, `opt_state` and the train `rng`
-(`checkpoint_tree`); `restore_state` reads them back, `initialise_from` takes only the model
-variables of another checkpoint (converted weights, a backbone).
+Checkpoints hold `step`, `params`, `batch_stats`, `opt_state`, the train `rng` and the global batch
+size (`checkpoint_tree`); `restore_state` reads them back onto any mesh (another number of devices
+or processes), `initialise_from` takes only the model variables of another checkpoint (converted
+weights, a backbone).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,7 +30,7 @@ from absl import logging
 from flax import struct, traverse_util
 
 from deeplab_jax import caching, checkpoint, losses, models, optim, sharding
-from deeplab_jax.errors import NonFiniteLossError
+from deeplab_jax.errors import CheckpointError, NonFiniteLossError
 
 
 @struct.dataclass
@@ -146,19 +148,37 @@ def trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Train
   return Trainer(model, tx, init, make_train_step(config, model, tx, mesh))
 
 
-def checkpoint_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
-  """What a training checkpoint holds (the non-finite marker is never saved)."""
+GLOBAL_BATCH_KEY = 'global_batch_size'
+
+
+def checkpoint_tree(state: TrainState, rng: jax.Array, global_batch_size: int) -> dict[str, Any]:
+  """What a training checkpoint holds (the non-finite marker is never saved). The global batch
+  size is kept so that a resumed run can be checked to continue the same run."""
   return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
-          'opt_state': state.opt_state, 'rng': rng}
+          'opt_state': state.opt_state, 'rng': rng,
+          GLOBAL_BATCH_KEY: np.asarray(global_batch_size, np.int32)}
 
 
 def restore_state(manager: Any, step: int, state: TrainState, rng: jax.Array,
-                  mesh: jax.sharding.Mesh) -> tuple[TrainState, jax.Array]:
-  """(state, rng) of checkpoint `step`, in the structure and shardings of `state` and `rng`."""
+                  mesh: jax.sharding.Mesh, global_batch_size: int) -> tuple[TrainState, jax.Array]:
+  """(state, rng) of checkpoint `step`, in the structure and shardings of `state` and `rng` on
+  `mesh`, which may have another number of devices and processes than the run that wrote it.
+
+  CheckpointError when the checkpoint was trained with another global batch size (checkpoints
+  from before the size was saved are not checked).
+  """
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-      checkpoint_tree(state, rng))
-  tree = checkpoint.restore_tree(manager, step, abstract)
+      checkpoint_tree(state, rng, global_batch_size))
+  tree = checkpoint.restore_tree(manager, step, abstract, optional=(GLOBAL_BATCH_KEY,))
+  saved_batch = int(jax.device_get(tree.get(GLOBAL_BATCH_KEY, global_batch_size)))
+  if saved_batch != global_batch_size:
+    raise CheckpointError(
+        f'Checkpoint {step} in {os.fspath(manager.directory)} continues a run with global batch {saved_batch}, but '
+        f'config.train.batch_size={global_batch_size}: every step would see other images and the '
+        f'run would not continue as it started. Keep config.train.batch_size={saved_batch} (the '
+        'global batch stays the same when the number of devices or processes changes), or start '
+        'a new --workdir.')
   restored = TrainState(step=tree['step'], params=tree['params'], batch_stats=tree['batch_stats'],
                         opt_state=tree['opt_state'], nonfinite_step=state.nonfinite_step)
   return restored, tree['rng']

@@ -1,0 +1,189 @@
+"""The same run on any topology: 1 process x 4 devices, 2 x 2 and 1 x 2 train the same steps.
+
+Every job here is the real program, `python -m deeplab_jax.main`, started by
+`launch/local_multiprocess.py` (N processes x D CPU devices, gloo collectives over localhost) on the
+real input pipeline and the embedded `deeplab_shapes/tiny` dataset, with BatchNorm training
+everywhere (backbone included): sync BatchNorm over processes, not only over the devices of one.
+
+- 1x4 and 2x2 train 12 steps and evaluate: the same per-step losses, final variables and mIoU.
+- 1x4's checkpoint of step 6 resumes on 2x2 and on 1x2 and continues to step 12 with the
+  uninterrupted 1x4 run's losses (elastic resume: another device count, the same global batch).
+- On 3 devices the global batch of 4 cannot be split: the resume stops with an error naming both.
+
+The batches are bit-identical on every topology (tests/test_input_pipeline.py); what differs is the
+order in which the devices' partial sums are added (in-process all-reduce against gloo's, or two
+rows per device against one). A randomly initialised tiny model with BatchNorm everywhere is
+extremely sensitive to that rounding: its gradient is dominated by directions BatchNorm makes
+(nearly) irrelevant, whose values are cancellation noise, so gradient norms differ by ~10% after a
+few steps while losses agree to ~1e-5; at the tiny config's own learning rate (0.05) the runs drift
+apart by percents within three steps. The jobs therefore train at a learning rate of 1e-4, and the
+tolerances below are those of float32 reduction order, not bit equality (measured: losses within
+1.3e-5 for 1x4 vs 2x2 and 3.4e-7 for the resumed runs, variables within 2e-4 of their scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from deeplab_jax import checkpoint, metrics
+from deeplab_jax.datasets import shapes
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / 'launch' / 'local_multiprocess.py'
+CONFIG_FILE = REPO / 'configs' / 'tiny.py'
+NUM_STEPS, RESUME_STEP = 12, 6
+BASE_LR = 1e-4
+LOSS_RTOL = 5e-5  # Per-step losses.
+VARIABLE_RTOL, VARIABLE_ATOL = 1e-3, 1e-4  # Final params and BatchNorm statistics.
+
+
+def run_job(workdir: pathlib.Path, data_dir: str, processes: int, devices: int,
+            *overrides: str, mode: str = 'train_and_eval') -> subprocess.CompletedProcess:
+  """`python -m deeplab_jax.main` as `processes` x `devices` (per process), 12 steps, eval at 12.
+
+  No decoder and dense ASPP: less for every job to compile; image pooling's and the backbone's
+  BatchNorms still reduce over the whole global batch.
+  """
+  args = [f'--config={CONFIG_FILE}', f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+          f'--mode={mode}', f'--config.train.num_steps={NUM_STEPS}',
+          '--config.train.checkpoint_every=3', '--config.train.keep_checkpoints=10',
+          f'--config.eval.every={NUM_STEPS}', '--config.model.decoder=False',
+          '--config.model.aspp_separable=False', f'--config.optim.base_lr={BASE_LR}', *overrides]
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(workdir.parent / 'xla_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.pop('XLA_FLAGS', None)  # The launcher sets each process's device count.
+  return subprocess.run(
+      [sys.executable, str(LAUNCHER), f'--num_processes={processes}',
+       f'--devices_per_process={devices}', f'--log_dir={workdir}.logs', '--timeout_s=600', '--',
+       *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=660)
+
+
+def _logs(workdir: pathlib.Path) -> str:
+  return '\n'.join(p.read_text(errors='replace')
+                   for p in sorted(pathlib.Path(f'{workdir}.logs').glob('*.log')))
+
+
+def resume_from(source: pathlib.Path, workdir: pathlib.Path, step: int) -> None:
+  """A workdir holding only checkpoint `step` of `source`, as if that run had stopped there."""
+  shutil.copytree(source / checkpoint.CHECKPOINT_SUBDIR / str(step),
+                  workdir / checkpoint.CHECKPOINT_SUBDIR / str(step))
+
+
+@dataclasses.dataclass
+class Runs:
+  one_by_four: pathlib.Path
+  two_by_two: pathlib.Path
+  resumed_two_by_two: pathlib.Path
+  resumed_one_by_two: pathlib.Path
+  root: pathlib.Path
+  data_dir: str
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory) -> Runs:
+  root = tmp_path_factory.mktemp('topology')
+  data_dir = str(root / 'tfds')
+  shapes.ensure_prepared(data_dir, config='tiny')  # Before any job: a multi-process job never builds.
+  paths = Runs(root / '1x4', root / '2x2', root / '1x4_then_2x2', root / '1x4_then_1x2', root,
+               data_dir)
+  jobs = [(paths.one_by_four, 1, 4), (paths.two_by_two, 2, 2)]
+  for workdir, processes, devices in jobs:
+    result = run_job(workdir, data_dir, processes, devices)
+    assert result.returncode == 0, f'{workdir.name}:\n{_logs(workdir)[-4000:]}'
+  for workdir, processes, devices in ((paths.resumed_two_by_two, 2, 2),
+                                      (paths.resumed_one_by_two, 1, 2)):
+    resume_from(paths.one_by_four, workdir, RESUME_STEP)
+    result = run_job(workdir, data_dir, processes, devices, mode='train')
+    assert result.returncode == 0, f'{workdir.name}:\n{_logs(workdir)[-4000:]}'
+  return paths
+
+
+def losses(workdir: pathlib.Path) -> dict[int, dict[str, float]]:
+  return {r['step']: r for r in metrics.read_metrics(workdir) if 'train/loss' in r}
+
+
+def assert_same_steps(a: dict[int, dict], b: dict[int, dict], steps: range) -> None:
+  assert sorted(b) == list(steps)
+  for step in steps:
+    for key in ('train/loss', 'train/learning_rate'):
+      np.testing.assert_allclose(b[step][key], a[step][key], rtol=LOSS_RTOL,
+                                 err_msg=f'{key} at step {step}')
+
+
+def assert_same_variables(a: pathlib.Path, b: pathlib.Path) -> None:
+  va, step_a = checkpoint.restore_variables(str(a))
+  vb, step_b = checkpoint.restore_variables(str(b))
+  assert step_a == step_b == NUM_STEPS
+  fa, fb = (traverse_util.flatten_dict(v, sep='/') for v in (va, vb))
+  assert set(fa) == set(fb)
+  for k, v in fa.items():
+    np.testing.assert_allclose(fb[k], v, rtol=VARIABLE_RTOL, atol=VARIABLE_ATOL, err_msg=k)
+
+
+def eval_result(workdir: pathlib.Path) -> dict:
+  return json.loads((workdir / 'eval' / f'validation_{NUM_STEPS}.json').read_text())
+
+
+def test_one_by_four_and_two_by_two_train_the_same_run(runs):
+  log = _logs(runs.two_by_two)
+  assert 'JAX process 1/2' in log and 'on 4 devices' in log  # One job over both processes.
+  # Process 0 alone writes metrics.jsonl and the eval results: every step is there exactly once.
+  steps = range(1, NUM_STEPS + 1)
+  assert [r['step'] for r in metrics.read_metrics(runs.two_by_two) if 'train/loss' in r] == list(steps)
+  assert (runs.two_by_two / 'eval' / f'validation_{NUM_STEPS}.json').is_file()
+  # All processes wrote the checkpoints together: full training states.
+  assert any(k.startswith('opt_state') for k in checkpoint.stored_shapes(str(runs.two_by_two)))
+  assert_same_steps(losses(runs.one_by_four), losses(runs.two_by_two), steps)
+  assert_same_variables(runs.one_by_four, runs.two_by_two)
+  a, b = eval_result(runs.one_by_four), eval_result(runs.two_by_two)
+  assert a['num_pixels'] == b['num_pixels'] > 0
+  assert b['miou'] == pytest.approx(a['miou'], rel=1e-3)
+
+
+def test_one_checkpoint_evaluates_the_same_on_any_topology(runs):
+  """The 1x4 run's final checkpoint evaluated by a 2x2 job: the same confusion matrix."""
+  workdir = runs.root / '2x2_eval_of_1x4'
+  resume_from(runs.one_by_four, workdir, NUM_STEPS)
+  result = run_job(workdir, runs.data_dir, 2, 2, mode='eval')
+  assert result.returncode == 0, _logs(workdir)[-4000:]
+  a, b = eval_result(runs.one_by_four), eval_result(workdir)
+  for key in ('num_pixels', 'miou', 'pixel_accuracy', 'per_class_iou'):
+    assert b[key] == a[key], key
+
+
+@pytest.mark.parametrize('resumed', ['resumed_two_by_two', 'resumed_one_by_two'])
+def test_a_resume_on_another_topology_continues_the_run(runs, resumed):
+  workdir = getattr(runs, resumed)
+  assert 'Resuming from checkpoint step 6' in _logs(workdir)
+  assert_same_steps(losses(runs.one_by_four), losses(workdir), range(RESUME_STEP + 1, NUM_STEPS + 1))
+  assert_same_variables(runs.one_by_four, workdir)
+
+
+def test_a_resume_whose_global_batch_does_not_divide_fails_clearly(runs):
+  workdir = runs.root / '1x4_then_1x3'
+  resume_from(runs.one_by_four, workdir, RESUME_STEP)
+  result = run_job(workdir, runs.data_dir, 1, 3, mode='train')
+  assert result.returncode != 0
+  log = _logs(workdir)
+  assert ('config.train.batch_size=4 is the global batch over all 3 devices' in log
+          and 'a resumed run keeps its global batch' in log), log[-4000:]
+  assert checkpoint.available_steps(workdir) == [RESUME_STEP]  # Nothing was trained or written.
+
+
+def test_a_resume_with_another_global_batch_is_refused(runs):
+  workdir = runs.root / 'other_batch'
+  resume_from(runs.one_by_four, workdir, RESUME_STEP)
+  result = run_job(workdir, runs.data_dir, 1, 4, '--config.train.batch_size=8', mode='train')
+  assert result.returncode != 0
+  assert 'continues a run with global batch 4, but config.train.batch_size=8' in _logs(workdir)
