@@ -1,4 +1,4 @@
-"""Cityscapes (fine, 19 classes), DeepLab v3 with MobileNetV2: the official model zoo's mobile model.
+"""Cityscapes (fine, 19 classes), DeepLab v3 with MobileNetV2: the model zoo's mobile model.
 
   python -m deeplab_jax.tools.convert tf --checkpoint=deeplabv3_mnv2_cityscapes_train/model.ckpt \\
       --config=configs/cityscapes_mobilenetv2.py --output=workdir/mnv2_cityscapes

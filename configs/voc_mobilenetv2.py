@@ -1,8 +1,10 @@
 """PASCAL VOC 2012, DeepLab v3 with MobileNetV2: the official model zoo's mobile model.
 
-  python -m deeplab_jax.tools.convert tf --checkpoint=deeplabv3_mnv2_pascal_train_aug/model.ckpt-30000 \\
+  python -m deeplab_jax.tools.convert tf \\
+      --checkpoint=deeplabv3_mnv2_pascal_train_aug/model.ckpt-30000 \\
       --config=configs/voc_mobilenetv2.py --output=workdir/mnv2_voc
-  python -m deeplab_jax.main --mode=eval --config=configs/voc_mobilenetv2.py --workdir=workdir/mnv2_voc
+  python -m deeplab_jax.main --mode=eval --config=configs/voc_mobilenetv2.py \\
+      --workdir=workdir/mnv2_voc
   python -m deeplab_jax.main --config=configs/voc_mobilenetv2.py --workdir=WORKDIR \\
       --config.init_from=PRETRAINED_WORKDIR
 
@@ -15,9 +17,10 @@ The model-zoo head: image pooling and the 1x1 ASPP branch, no atrous branches
 Published validation mIoU (official model zoo, 2.75B multiply-adds at OS 16):
 `mobilenetv2_coco_voc_trainaug` 75.32% (OS 16, single scale) and 77.33% (OS 8, scales 0.5..1.75 and
 flip: `--config.eval.output_stride=8 --config.eval.scales='(0.5,0.75,1.0,1.25,1.5,1.75)'
---config.eval.flip=True`); `mobilenetv2_dm05_coco_voc_trainaug` (`--config.model.width_multiplier=0.5`,
-0.88B) 70.19%. PRETRAINED_WORKDIR: an ImageNet `mobilenet_v2_1.0_224` checkpoint converted with
-`deeplab_jax.tools.convert tf` (it fills the backbone; its classifier is skipped).
+--config.eval.flip=True`); `mobilenetv2_dm05_coco_voc_trainaug`
+(`--config.model.width_multiplier=0.5`, 0.88B) 70.19%. PRETRAINED_WORKDIR: an ImageNet
+`mobilenet_v2_1.0_224` checkpoint converted with `deeplab_jax.tools.convert tf` (it fills the
+backbone; its classifier is skipped).
 Needs the `voc2012_segmentation` dataset (see `deeplab_jax.datasets.voc`).
 """
 

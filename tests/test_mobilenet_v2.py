@@ -1,5 +1,5 @@
-"""MobileNetV2 DeepLab (the model-zoo mobile model): official names, channels, atrous rule, shapes at
-every output stride, and the official graph's outputs from a converted official-format checkpoint."""
+"""MobileNetV2 DeepLab (the model zoo's mobile model): official names, channels, atrous rule,
+shapes at every output stride, and the official graph's outputs from a converted checkpoint."""
 
 from __future__ import annotations
 

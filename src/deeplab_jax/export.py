@@ -10,9 +10,10 @@ weights inside the artifact, and has the outputs `SemanticPredictions` (int32 la
   returns a dict of the outputs at [B, H, W(, C)]. Images go in as given (the official models saw
   images padded at the bottom/right with the mean pixel to the eval crop).
 - `savedmodel`: TF SavedModel (jax2tf: one `XlaCallModule` op) with the official export's serving
-  signature: `ImageTensor` uint8 [1, H, W, 3] of any size, padded with the mean pixel to the eval crop
-  (a larger image to its own size rounded up to k * output_stride + 1, as `inference.Predictor`
-  does) and the outputs cropped back to [1, H, W(, C)]. Weights are SavedModel variables.
+  signature: `ImageTensor` uint8 [1, H, W, 3] of any size, padded with the mean pixel to the eval
+  crop (a larger image to its own size rounded up to k * output_stride + 1, as
+  `inference.Predictor` does) and the outputs cropped back to [1, H, W(, C)]. Weights are
+  SavedModel variables.
 - `tflite`: the network at the fixed eval crop, builtin ops only, float32 or post-training int8
   quantized with a representative set; input `ImageTensor` float32 [1, crop_h, crop_w, 3] in 0..255,
   already padded (`TFLiteModel` pads and crops like the SavedModel), labels [1, crop_h, crop_w].
@@ -81,8 +82,7 @@ def prediction_fn(config: ml_collections.ConfigDict, impl: str, outputs: Sequenc
 
   def predict(variables: Variables, images: jax.Array) -> dict[str, jax.Array]:
     probs, logits = inference.predict(model, variables, images.astype(jnp.float32), scales, flip)
-    result = {PREDICTIONS: jnp.argmax(probs, axis=-1).astype(jnp.int32), PROBABILITIES: probs,
-              LOGITS: logits}
+    result = {PREDICTIONS: inference.labels(probs), PROBABILITIES: probs, LOGITS: logits}
     return {name: result[name] for name in outputs}
 
   return predict
@@ -159,7 +159,7 @@ def export_savedmodel(config: ml_collections.ConfigDict, variables: Variables, p
   output_stride = eval_output_stride(config)
   mean = tf.constant(models.mean_pixel(config.model.backbone), tf.float32)
 
-  def round_up(d: tf.Tensor) -> tf.Tensor:  # inference.padded_size, for an image larger than the crop.
+  def round_up(d: tf.Tensor) -> tf.Tensor:  # inference.padded_size of an image beyond the crop.
     return (d + output_stride - 2) // output_stride * output_stride + 1
 
   @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.uint8, name=INPUT)],
@@ -215,8 +215,9 @@ def export_tflite(config: ml_collections.ConfigDict, variables: Variables, path:
     converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if quantize == 'int8':
-      calibration = [inference.pad_image(np.asarray(image)[:crop[0], :crop[1], :3], crop, mean)[None]
-                     for image in representative]
+      calibration = [
+          inference.pad_image(np.asarray(image)[:crop[0], :crop[1], :3], crop, mean)[None]
+          for image in representative]
       if not calibration:
         raise ConfigError('int8 quantization needs representative images; none were given.')
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -256,7 +257,8 @@ class TFLiteModel:
 
 
 def _padded_runner(config: ml_collections.ConfigDict,
-                   call: Callable[[np.ndarray], Mapping[str, Any]]) -> Callable[[np.ndarray], Outputs]:
+                   call: Callable[[np.ndarray], Mapping[str, Any]]
+                   ) -> Callable[[np.ndarray], Outputs]:
   """One image [H, W, 3] through `call` (a padded batch of one -> outputs), padded with the mean
   pixel and cropped back as `inference.Predictor` does."""
   mean = np.asarray(models.mean_pixel(config.model.backbone), np.float32)
@@ -330,10 +332,11 @@ def check(config: ml_collections.ConfigDict, variables: Variables,
 
 
 def artifact_bytes(path: str) -> int:
-  """The size of a file, or of every file under a directory (a SavedModel)."""
-  if not os.path.isdir(path):
-    return os.path.getsize(path)
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+  """The size of a file, or of every file under a directory (a SavedModel); local or URL."""
+  target = paths.to_epath(path)
+  if not target.is_dir():
+    return int(target.stat().length)
+  return sum(artifact_bytes(os.fspath(child)) for child in target.iterdir())
 
 
 def export(config: ml_collections.ConfigDict, workdir: str | os.PathLike, kind: str,
@@ -404,7 +407,7 @@ def export(config: ml_collections.ConfigDict, workdir: str | os.PathLike, kind: 
   return report
 
 
-if __name__ == '__main__':  # `python -m deeplab_jax.export`: the program is `deeplab_jax.tools.export`.
+if __name__ == '__main__':  # `python -m deeplab_jax.export` runs `deeplab_jax.tools.export`.
   from deeplab_jax.tools.export import run as _run
 
   _run()

@@ -75,6 +75,11 @@ def predict(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
   return probs / count, logits_sum / count
 
 
+def labels(probabilities: jax.Array) -> jax.Array:
+  """The prediction: int32 argmax over the classes of `predict`'s probabilities."""
+  return jnp.argmax(probabilities, axis=-1).astype(jnp.int32)
+
+
 def padded_size(size: Sequence[int], crop_size: Sequence[int], output_stride: int) -> tuple[int, int]:
   """The eval crop when the image fits in it, else the image size rounded up to k * OS + 1."""
   h, w = int(size[0]), int(size[1])
@@ -127,7 +132,7 @@ class Predictor:
 
     def labels_and_logits(variables, images):
       probs, logits = infer(variables, images)
-      return jnp.argmax(probs, axis=-1).astype(jnp.int32), logits
+      return labels(probs), logits
 
     self._fn = jax.jit(labels_and_logits)
     self._sizes: set[tuple[int, int]] = set()

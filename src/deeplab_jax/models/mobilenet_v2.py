@@ -7,7 +7,7 @@ everywhere (no explicit fixed padding), BatchNorm decay 0.997 and epsilon 1e-3, 
 1280 channels left out (the backbone ends at `layer_18`, 320 channels). The output stride follows
 `mobilenet_base`'s rule: once the feature map reaches it, layers run at stride 1 and only the
 depthwise convs dilate. The depth multiplier rounds channels as the official wrapper does: to a
-multiple of 8 at 1.0 and to whole channels otherwise (DeepLab's `divisible_by = 8 if dm == 1 else 1`).
+multiple of 8 at 1.0 and to whole channels otherwise (`divisible_by = 8 if dm == 1 else 1`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ BLOCKS: tuple[BlockSpec, ...] = (
 
 
 def make_divisible(value: float, divisor: int, min_value: int | None = None) -> int:
-  """slim mobilenet's `_make_divisible`: round to a multiple of `divisor`, never more than 10% down."""
+  """slim mobilenet's `_make_divisible`: the nearest multiple of `divisor`, at most 10% down."""
   min_value = divisor if min_value is None else min_value
   rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
   if rounded < 0.9 * value:
@@ -65,7 +65,7 @@ def scaled_depth(depth: int, multiplier: float) -> int:
 
 
 def expansion_depth(in_depth: int, factor: int) -> int:
-  """`expand_input_by_factor`: inner channels of a block (factor 1 keeps them, to whole channels)."""
+  """`expand_input_by_factor`: a block's inner channels (factor 1 keeps them as they are)."""
   return make_divisible(in_depth * factor, 1 if factor == 1 else 8)
 
 
@@ -83,7 +83,7 @@ def block_fields(multiplier: float, output_stride: int) -> list[dict[str, Any]]:
 
 
 def block_name(index: int) -> str:
-  """`expanded_conv`, `expanded_conv_1`, ...: TF's unique-scope names of the 0-based block `index`."""
+  """`expanded_conv`, `expanded_conv_1`, ...: TF's unique scope name of 0-based block `index`."""
   return 'expanded_conv' if index == 0 else f'expanded_conv_{index}'
 
 
