@@ -27,6 +27,16 @@ ROWS = [
 ]
 
 
+# MobileNetV2 zoo head (image pooling + 1x1 ASPP, no decoder), 513x513: (depth multiplier, eval OS,
+# TF profiler's conv multiply-adds of the official graph, model zoo's figure or None).
+MOBILENET_ROWS = [
+    (1.0, 16, 2.742, 2.75),
+    (0.5, 16, 0.868, 0.88),
+    (1.0, 8, 8.840, None),
+    (0.5, 8, 2.826, 2.84),  # The zoo's 2.84B is of the dm05 trainval model (OS 8).
+]
+
+
 def config_for(backbone, train_os, eval_os, decoder, separable):
   c = config_lib.get_base_config()
   c.model.backbone = backbone
@@ -35,6 +45,18 @@ def config_for(backbone, train_os, eval_os, decoder, separable):
   c.model.decoder = decoder
   c.model.aspp_separable = c.model.decoder_separable = separable
   return c
+
+
+@pytest.mark.parametrize('row', MOBILENET_ROWS, ids=lambda r: f'dm{r[0]}-os{r[1]}')
+def test_mobilenet_v2_model_zoo_multiply_adds(row):
+  dm, eval_os, profiler, zoo = row
+  c = config_for('mobilenet_v2', 16, eval_os, False, False)
+  c.model.atrous_rates = ()
+  c.model.width_multiplier = dm
+  result = multiply_adds.count(c)
+  assert result['multiply_adds_tf'] / 1e9 == pytest.approx(profiler, rel=0.002)
+  if zoo is not None:
+    assert result['multiply_adds_tf'] / 1e9 == pytest.approx(zoo, rel=0.02)
 
 
 @pytest.mark.parametrize('row', ROWS, ids=lambda r: '-'.join(map(str, r[:5])))

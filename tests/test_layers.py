@@ -121,3 +121,47 @@ def test_atrous_plan_follows_stack_blocks_dense():
   assert layers.atrous_plan(strides, 32, 2)[-2:] == [[(2, 1)], [(1, 1)]]
   with pytest.raises(ValueError, match='cannot be reached'):
     layers.atrous_plan(strides, 64, 2)
+
+
+def exported(fn, args, shapes):
+  """`fn` through a shape-polymorphic `jax.export` with `shapes` (e.g. 'b, h, w, c')."""
+  specs = jax.export.symbolic_args_specs(args, shapes)
+  return jax.export.export(jax.jit(fn), platforms=('cpu',))(*specs)
+
+
+def test_resize_bilinear_with_symbolic_sizes_matches_tf1():
+  """The interpolation matrices built in the program for symbolic sizes give TF's resize."""
+  rng = np.random.default_rng(6)
+  resize = exported(lambda x, target: layers.resize_bilinear(x, target.shape[1:3]),
+                    (np.zeros((1, 5, 7, 3), np.float32), np.zeros((1, 9, 9, 1), np.float32)),
+                    ('b, h, w, c', '1, p, q, 1'))
+  for in_size, out_size in (((5, 7), (17, 25)), ((9, 4), (3, 2)), ((1, 1), (5, 5)),
+                            ((6, 6), (6, 6)), ((33, 33), (129, 129))):
+    x = rng.normal(size=(2, *in_size, 3)).astype(np.float32)
+    ref = tf.compat.v1.image.resize_bilinear(x, out_size, align_corners=True).numpy()
+    out = resize.call(x, np.zeros((1, *out_size, 1), np.float32))
+    np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=f'{in_size} -> {out_size}')
+
+
+def test_convs_with_symbolic_sizes_match_tensorflow():
+  """SAME-padded dense and grouped depthwise convs whose padding depends on a symbolic size."""
+  rng = np.random.default_rng(7)
+  w_dw = rng.normal(size=(3, 3, 4, 1)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)
+
+  def convs(x):
+    out = []
+    for stride, rate in ((1, 2), (2, 1)):
+      pad = layers.conv_padding(x.shape, 3, stride, rate, explicit_padding=False)
+      out.append(layers.depthwise_conv(x, jnp.asarray(w_dw), stride, rate, pad, 'grouped'))
+    module = layers.ConvBN(5, 3, stride=2, use_bn=False, activation=None, explicit_padding=False)
+    out.append(module.apply({'params': {'weights': jnp.asarray(w)}}, x))
+    return out
+
+  program = exported(convs, (np.zeros((1, 9, 9, 4), np.float32),), ('b, h, w, 4',))
+  for size in ((9, 10), (12, 13)):
+    x = rng.normal(size=(2, *size, 4)).astype(np.float32)
+    refs = [tf.nn.depthwise_conv2d(x, w_dw, [1, 1, 1, 1], 'SAME', dilations=[2, 2]),
+            tf.nn.depthwise_conv2d(x, w_dw, [1, 2, 2, 1], 'SAME'), tf.nn.conv2d(x, w, 2, 'SAME')]
+    for out, ref in zip(program.call(x), refs, strict=True):
+      np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=1e-5)

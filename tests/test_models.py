@@ -41,7 +41,7 @@ def count(tree):
   return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(tree))
 
 
-@pytest.mark.parametrize('backbone', models.BACKBONES)
+@pytest.mark.parametrize('backbone', PARAMS)  # MobileNetV2: tests/test_mobilenet_v2.py.
 def test_full_size_shapes_and_params_at_every_output_stride(backbone):
   x = jax.ShapeDtypeStruct((2, 513, 513, 3), jnp.float32)
   counts = set()

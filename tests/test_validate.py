@@ -53,7 +53,6 @@ def _set(config, field, value):
   ('model.atrous_rates', (6, 0, 18), r'config.model.atrous_rates=\(6, 0, 18\) must be positive '
    r'integers'),
   ('model.atrous_rates', (6, -12, 18), r'config.model.atrous_rates=\(6, -12, 18\) must be positive'),
-  ('model.atrous_rates', (), r'config.model.atrous_rates=\(\) must be positive'),
   ('model.atrous_rates', (6, 12, 40), r'ASPP rates \(6, 12, 40\) at output stride 16 do not fit '
    r'config.train.crop_size=\(513, 513\): its feature map is 33 pixels wide.*rate\(s\) \[40\].*'
    r'Fix: set config.model.atrous_rates to rates below 33'),
@@ -81,6 +80,14 @@ def _set(config, field, value):
 def test_each_bad_field_gets_one_clear_error(field, value, expected):
   with pytest.raises(ConfigError, match=expected):
     check(_set(base_config(), field, value))
+
+
+def test_no_atrous_rates_mean_no_atrous_branches():
+  config = base_config()
+  config.model.atrous_rates = ()  # The MobileNetV2 model-zoo head: image pooling and 1x1 only.
+  for mode in ('train_and_eval', 'eval', 'predict'):
+    check(config, mode)
+  assert config_lib.apply_smoke(config).model.atrous_rates == ()
 
 
 def test_rates_scaled_to_the_eval_output_stride_must_stay_positive():

@@ -18,9 +18,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = m = ml_collections.ConfigDict()
-  m.backbone = 'xception_65'  # xception_{41,65,71}, resnet_v1_{50,101}[_beta]
+  m.backbone = 'xception_65'  # xception_{41,65,71}, resnet_v1_{50,101}[_beta], mobilenet_v2
   m.output_stride = 16  # Training output stride: 8, 16 or 32.
-  m.atrous_rates = ml_collections.FieldReference(None, field_type=tuple)  # None: from the OS.
+  # ASPP rates at the training OS. None: from the OS (6/12/18 at 16); (): no atrous branches.
+  m.atrous_rates = ml_collections.FieldReference(None, field_type=tuple)
   m.multi_grid = ml_collections.FieldReference(None, field_type=tuple)  # None: (1,1,1) / (1,2,4).
   m.decoder = True  # False: DeepLab v3 (logits straight from ASPP).
   m.aspp_separable = True
@@ -30,7 +31,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.aspp_channels = 256
   m.low_level_channels = 48
   m.decoder_channels = 256
-  m.width_multiplier = 1.0  # Scales backbone widths: tiny variants for tests and the demo.
+  # Scales backbone widths (tiny variants for tests and the demo); for mobilenet_v2 it is the
+  # official depth multiplier with its rounding (0.5: the dm05 model-zoo checkpoints).
+  m.width_multiplier = 1.0
   m.dropout_rate = 0.1
   m.depthwise_impl = 'auto'  # 'auto': shift-and-add on CPU, grouped conv on GPU/TPU.
   m.freeze_backbone_bn = False

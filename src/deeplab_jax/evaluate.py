@@ -18,7 +18,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -60,7 +59,7 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], conf
               flip: bool) -> tuple[jax.Array, jax.Array]:
   """Add a batch's (label, prediction) counts to `confusion`; also return the predictions."""
   probs, _ = inference.predict(model, variables, batch['image'], scales, flip)
-  prediction = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  prediction = inference.labels(probs)
   mask = batch['valid'][:, None, None] & (batch['label'] != IGNORE_LABEL)
   return confusion + metrics.confusion_matrix(batch['label'], prediction, num_classes,
                                               mask), prediction

@@ -9,6 +9,7 @@ and the argmax of that average is the prediction, as in the official multi-scale
 
 from __future__ import annotations
 
+import fractions
 import functools
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,14 +25,30 @@ from PIL import Image
 
 from deeplab_jax import checkpoint, models, paths, validate, visualize
 from deeplab_jax.config import apply_smoke, eval_output_stride
+from deeplab_jax.errors import ConfigError
 from deeplab_jax.models import layers
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 
 
-def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
-  """The official `scale_dimension`: `int((dim - 1) * scale + 1)`, so that corners stay aligned."""
-  return tuple(int((int(d) - 1) * scale + 1) for d in size[:2])
+MAX_SYMBOLIC_SCALE_DENOMINATOR = 1024
+
+
+def scaled_size(size: Sequence[Any], scale: float) -> tuple[Any, Any]:
+  """The official `scale_dimension`: `int((dim - 1) * scale + 1)`, so that corners stay aligned.
+
+  Symbolic sizes (a shape-polymorphic export) take `(dim - 1) * p // q + 1` for the scale p / q,
+  the same number when q is a power of two (the official scales 0.5 ... 1.75); other scales are
+  refused there.
+  """
+  if not layers.is_symbolic(*size[:2]):
+    return tuple(int((int(d) - 1) * scale + 1) for d in size[:2])
+  ratio = fractions.Fraction(scale)
+  if ratio.denominator > MAX_SYMBOLIC_SCALE_DENOMINATOR:
+    raise ConfigError(f'config.eval.scales: scale {scale} cannot resize a symbolic image size '
+                      f'exactly; use multiples of 1/{MAX_SYMBOLIC_SCALE_DENOMINATOR} (e.g. 0.75) '
+                      'or export at the fixed eval crop.')
+  return tuple((d - 1) * ratio.numerator // ratio.denominator + 1 for d in size[:2])
 
 
 def predict(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
@@ -56,6 +73,11 @@ def predict(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
       logits_sum = logits_sum + logits
       count += 1
   return probs / count, logits_sum / count
+
+
+def labels(probabilities: jax.Array) -> jax.Array:
+  """The prediction: int32 argmax over the classes of `predict`'s probabilities."""
+  return jnp.argmax(probabilities, axis=-1).astype(jnp.int32)
 
 
 def padded_size(size: Sequence[int], crop_size: Sequence[int], output_stride: int) -> tuple[int, int]:
@@ -110,7 +132,7 @@ class Predictor:
 
     def labels_and_logits(variables, images):
       probs, logits = infer(variables, images)
-      return jnp.argmax(probs, axis=-1).astype(jnp.int32), logits
+      return labels(probs), logits
 
     self._fn = jax.jit(labels_and_logits)
     self._sizes: set[tuple[int, int]] = set()

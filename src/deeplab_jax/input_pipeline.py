@@ -396,6 +396,15 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Seque
   return _NumpyBatches(ds), total
 
 
+def images(config: ml_collections.ConfigDict, split: str, num_images: int) -> Iterator[np.ndarray]:
+  """The first `num_images` images of `split` in stored order, decoded and neither resized nor
+  padded: uint8 [H, W, 3] (what exported models are calibrated and checked on)."""
+  spec, builder = _open_dataset(config, 1)
+  decode = builder.info.features[spec.image_key].decode_example
+  ds = _serialized_records(builder, split, spec).take(int(num_images))
+  yield from ds.map(lambda record: decode(record['image'])).as_numpy_iterator()
+
+
 if __name__ == '__main__':  # The older spelling of `python -m deeplab_jax.tools.input_throughput`.
   from deeplab_jax.tools.input_throughput import run
 

@@ -104,14 +104,15 @@ def _check_positive(field: str, value: object) -> None:
 
 
 def _check_rates(m: ml_collections.ConfigDict, output_stride: int) -> None:
-  """Rates set in the config must be positive, also once scaled to `output_stride`."""
+  """Rates set in the config must be positive, also once scaled to `output_stride`; `()` (no
+  atrous branches, the MobileNetV2 model-zoo head) is fine."""
   if m.atrous_rates is None:
     return
   rates = tuple(m.atrous_rates)
-  if not rates or any(not isinstance(r, int) or r < 1 for r in rates):
+  if any(not isinstance(r, int) or r < 1 for r in rates):
     raise ConfigError(f'config.model.atrous_rates={rates} must be positive integers (the ASPP '
-                      'dilation rates at config.model.output_stride, e.g. (6, 12, 18) at 16), or '
-                      'None for the defaults of the output stride.')
+                      'dilation rates at config.model.output_stride, e.g. (6, 12, 18) at 16), () '
+                      'for no atrous branches, or None for the defaults of the output stride.')
   models.atrous_rates(m, output_stride)  # Raises when a scaled rate falls below 1.
 
 

@@ -40,6 +40,8 @@ SKIP_RULES: tuple[tuple[str, str], ...] = (
     (r'^beta[12]_power$', 'optimizer slot'),
     (r'ExponentialMovingAverage', 'moving-average shadow'),
     ('^({})/logits/'.format('|'.join(BACKBONE_SCOPES)), "backbone checkpoint's ImageNet classifier"),
+    # MobileNetV2's classifier is its 1x1 conv to 1280 channels plus `Logits`; DeepLab stops before.
+    ('^MobilenetV2/(Conv_1|Logits)/', "backbone checkpoint's ImageNet classifier"),
 )
 
 

@@ -84,9 +84,10 @@ class DeepLab(nn.Module):
     # ASPP: 1x1, atrous 3x3 branches and image-level pooling, concatenated and projected.
     branches = []
     if self.image_pooling:
-      pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+      # The 1x1 conv runs on [N, C] (the same numbers): TFLite cannot convert it on [N, 1, 1, C].
+      pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
       pooled = self._conv(self.aspp_channels, 1, 'image_pooling')(pooled, train)
-      branches.append(jnp.broadcast_to(pooled, (*x.shape[:3], self.aspp_channels)))
+      branches.append(jnp.broadcast_to(pooled[:, None, None], (*x.shape[:3], self.aspp_channels)))
     branches.append(self._conv(self.aspp_channels, 1, 'aspp0')(x, train))
     for i, rate in enumerate(self.atrous_rates, start=1):
       branches.append(self._conv3x3(x, self.aspp_channels, f'aspp{i}', rate, self.aspp_separable,

@@ -32,7 +32,8 @@ def atrous_rates(model_config: ml_collections.ConfigDict, output_stride: int) ->
 
   Unset rates derive from the output stride; rates set in the config are for the training output
   stride (`model.output_stride`) and scale with it, so a model trained at OS 16 with 6/12/18 is
-  evaluated at OS 8 with 12/24/36.
+  evaluated at OS 8 with 12/24/36. `()` stays `()`: an ASPP without atrous branches (image pooling
+  and the 1x1 branch only, the MobileNetV2 model-zoo head).
   """
   rates = model_config.atrous_rates
   if rates is None:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+from jax import export, lax
 
 DepthwiseImpl = Literal['auto', 'grouped', 'shift']
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -62,6 +62,26 @@ def conv_padding(shape: Sequence[int], kernel_size: int, stride: int, rate: int,
           same_padding(shape[2], kernel_size, stride, rate))
 
 
+def is_symbolic(*dims: Any) -> bool:
+  """Whether any of `dims` is a symbolic dimension (a shape-polymorphic `jax.export`)."""
+  return any(export.is_symbolic_dim(d) for d in dims)
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding, rate: int = 1,
+         groups: int = 1) -> jax.Array:
+  """`lax.conv_general_dilated` of NHWC `x` with an HWIO `kernel`.
+
+  Padding that depends on a symbolic input size (SAME padding under a shape-polymorphic export) is
+  applied with `jnp.pad` before a VALID conv, because the conv's padding must be integers; concrete
+  shapes take the conv's own padding, as always.
+  """
+  if is_symbolic(*padding[0], *padding[1]):
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    padding = ((0, 0), (0, 0))
+  return lax.conv_general_dilated(x, kernel, (stride, stride), padding, rhs_dilation=(rate, rate),
+                                  dimension_numbers=DIMENSION_NUMBERS, feature_group_count=groups)
+
+
 def resolve_depthwise_impl(impl: DepthwiseImpl) -> Literal['grouped', 'shift']:
   if impl == 'auto':
     return 'shift' if jax.default_backend() == 'cpu' else 'grouped'
@@ -76,10 +96,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, rate: int, padd
   k = kernel.shape[0]
   channels = x.shape[-1]
   if resolve_depthwise_impl(impl) == 'grouped':
-    return lax.conv_general_dilated(
-        x, kernel.reshape(k, k, 1, channels), (stride, stride), padding,
-        rhs_dilation=(rate, rate), dimension_numbers=DIMENSION_NUMBERS,
-        feature_group_count=channels)
+    return conv(x, kernel.reshape(k, k, 1, channels), stride, padding, rate, groups=channels)
   return _shift_depthwise(x, kernel, stride, rate, padding)
 
 
@@ -226,10 +243,8 @@ class ConvBN(nn.Module):
     if k == 1:
       y = pointwise_conv(x, kernel, self.stride)
     else:
-      y = lax.conv_general_dilated(
-          x, kernel, (self.stride, self.stride),
-          conv_padding(x.shape, k, self.stride, rate, self.explicit_padding),
-          rhs_dilation=(rate, rate), dimension_numbers=DIMENSION_NUMBERS)
+      y = conv(x, kernel, self.stride,
+               conv_padding(x.shape, k, self.stride, rate, self.explicit_padding), rate)
     if self.use_bias:
       y = y + self.param('biases', nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
     if self.use_bn:
@@ -290,14 +305,39 @@ def _interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
+def _symbolic_interpolation_matrix(in_size: Any, out_size: Any, dtype: Any) -> jax.Array:
+  """`_interpolation_matrix` for symbolic sizes, built from iotas in integer arithmetic:
+  source position o * (in - 1) / (out - 1) = lo + r / (out - 1), so the weights are the numpy
+  matrix's up to float32 rounding."""
+  rows = lax.broadcasted_iota(jnp.int32, (out_size, 1), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (1, in_size), 1)
+  span_in = jnp.asarray(in_size, jnp.int32) - 1
+  span_out = jnp.maximum(jnp.asarray(out_size, jnp.int32) - 1, 1)
+  numerator = rows * span_in
+  lo = numerator // span_out
+  frac = (numerator - lo * span_out).astype(jnp.float32) / span_out.astype(jnp.float32)
+  hi = jnp.minimum(lo + 1, span_in)
+  m = jnp.where(cols == lo, 1.0 - frac, 0.0) + jnp.where(cols == hi, frac, 0.0)
+  return m.astype(dtype)
+
+
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
-  """Bilinear resize of NHWC `x` to `size` (h, w) with align_corners=True, as the official code."""
-  out_h, out_w = int(size[0]), int(size[1])
-  if x.shape[1:3] == (out_h, out_w):
+  """Bilinear resize of NHWC `x` to `size` (h, w) with align_corners=True, as the official code.
+
+  Sizes may be symbolic (a shape-polymorphic `jax.export`): the interpolation matrices are then
+  computed in the program instead of with numpy.
+  """
+  symbolic = is_symbolic(*x.shape[1:3], *size[:2])
+  out_h, out_w = (size[0], size[1]) if symbolic else (int(size[0]), int(size[1]))
+  if tuple(x.shape[1:3]) == (out_h, out_w):  # Symbolic dims compare equal when provably so.
     return x
   with jax.named_scope(RESIZE_SCOPE):
-    mh = jnp.asarray(_interpolation_matrix(x.shape[1], out_h), x.dtype)
-    mw = jnp.asarray(_interpolation_matrix(x.shape[2], out_w), x.dtype)
+    if symbolic:
+      mh = _symbolic_interpolation_matrix(x.shape[1], out_h, x.dtype)
+      mw = _symbolic_interpolation_matrix(x.shape[2], out_w, x.dtype)
+    else:
+      mh = jnp.asarray(_interpolation_matrix(x.shape[1], out_h), x.dtype)
+      mw = jnp.asarray(_interpolation_matrix(x.shape[2], out_w), x.dtype)
     hp = lax.Precision.HIGHEST
     y = jnp.einsum('oh,nhwc->nowc', mh, x, precision=hp)
     return jnp.einsum('pw,nowc->nopc', mw, y, precision=hp)

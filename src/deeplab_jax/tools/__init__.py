@@ -4,7 +4,7 @@
   predict                  segment image files         build_dataset     build a TFDS dataset
   convert                  TF / timm weights -> ckpt   input_throughput  time the input pipeline
   flops                    count multiply-adds         benchmark         time a step, memory
-  soak                     host memory over a run
+  soak                     host memory over a run      export            StableHLO, SavedModel, TFLite
 
 Nothing in the library imports this package.
 """
