@@ -95,7 +95,7 @@ EVAL_MODES = ('whole', 'slide')
 
 
 def _check_eval_extras(e: ml_collections.ConfigDict) -> None:
-  """Slide mode and trimap widths."""
+  """Slide mode, trimap widths and the expected figures."""
   if e.mode not in EVAL_MODES:
     raise ConfigError(f"config.eval.mode={e.mode!r}; use 'whole' (each image padded to "
                       "config.eval.crop_size) or 'slide' (windows of config.eval.crop_size).")
@@ -112,6 +112,10 @@ def _check_eval_extras(e: ml_collections.ConfigDict) -> None:
   if any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in widths):
     raise ConfigError(f'config.eval.trimap_widths={widths} must be band widths in pixels '
                       '(integers >= 0), e.g. (1, 2, 4, 8, 16, 24, 32, 40), or () for none.')
+  expected = e.expected_miou
+  if expected is not None and not 0.0 <= expected <= 1.0:
+    raise ConfigError(f'config.eval.expected_miou={expected} must be an mIoU in [0, 1] (e.g. '
+                      '0.822 for 82.2%), or None.')
 
 
 def _devices(device_count: int | None) -> int:
