@@ -11,6 +11,10 @@ Expected validation mIoU: about 45-46% for the official model zoo's `xception65_
 (ImageNet init, OS 8, scales 0.5..1.75 and flip; a model-zoo figure, not re-measured here); single
 scale at OS 16 lands a few points lower. Dataset: `ade20k` (ADEChallengeData2016.zip, see
 `deeplab_jax.datasets.ade20k`; TFDS's `scene_parse150` holds other annotations).
+
+No published figure is recorded for this config's own setting (`config.eval.expected_miou` is
+None): check a model with `python -m deeplab_jax.tools.reproduce --config=configs/ade20k_xception.py
+--workdir=WORKDIR --expect=MIOU` and the figure you are comparing with.
 """
 
 from deeplab_jax.config import get_base_config

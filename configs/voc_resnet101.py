@@ -11,6 +11,11 @@ Expected validation mIoU (paper Table 3, ImageNet-pretrained `resnet_v1_101_beta
 OS 16 single scale; 80.57% with `--config.eval.output_stride=8`, scales 0.5..1.75 and flip.
 PRETRAINED_WORKDIR: `python -m deeplab_jax.convert tf --checkpoint=.../resnet_v1_101/model.ckpt
 --config=configs/voc_resnet101.py --output=PRETRAINED_WORKDIR`.
+
+Reproduce (`config.eval.expected_miou` is this setting's 0.7885):
+  python -m deeplab_jax.tools.reproduce --config=configs/voc_resnet101.py --workdir=WORKDIR
+  python -m deeplab_jax.tools.reproduce --config=configs/voc_resnet101.py --workdir=WORKDIR \\
+      --config.eval.output_stride=8 --config.eval.scales='(0.5,0.75,1.0,1.25,1.5,1.75)' --config.eval.flip=True --expect=0.8057
 """
 
 from deeplab_jax.config import get_base_config
@@ -23,4 +28,5 @@ def get_config():
   c.model.aspp_separable = False
   c.model.decoder_separable = False
   c.optim.weight_decay = 1e-4
+  c.eval.expected_miou = 0.7885  # Paper Table 3: decoder, OS 16, single scale.
   return c

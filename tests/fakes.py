@@ -57,7 +57,8 @@ def fake_train_iterator(config, *, mean_pixel, process_index=0, process_count=1,
 
 
 def fake_eval_iterator(config, *, mean_pixel, process_index=0, process_count=1, num_images=6):
-  """Same contract as input_pipeline.create_eval_iterator: smaller images padded to the crop."""
+  """Same contract as input_pipeline.create_eval_iterator (whole mode): smaller images padded to
+  the crop."""
   local = config.eval.batch_size // process_count
   h, w = config.eval.crop_size
   examples = [fake_example(1000, i, (h - 8, w - 4)) for i in range(num_images)]
@@ -67,12 +68,14 @@ def fake_eval_iterator(config, *, mean_pixel, process_index=0, process_count=1, 
       image = np.broadcast_to(np.asarray(mean_pixel, np.float32), (local, h, w, 3)).copy()
       label = np.full((local, h, w), 255, np.int32)
       valid = np.zeros(local, bool)
+      size = np.zeros((local, 2), np.int32)
       for i in range(local):
         j = start + process_index * local + i
         if j < num_images:
           image[i, :h - 8, :w - 4], label[i, :h - 8, :w - 4] = examples[j]
           valid[i] = True
-      yield {'image': image, 'label': label, 'valid': valid}
+          size[i] = (h - 8, w - 4)
+      yield {'image': image, 'label': label, 'valid': valid, 'size': size}
 
   return batches(), num_images
 

@@ -135,3 +135,31 @@ def test_importing_every_module_defines_no_flag():
       importlib.import_module(info.name)
   ours = [m for m in flags.FLAGS.flags_by_module_dict() if 'deeplab_jax' in m]
   assert not ours and 'config' not in flags.FLAGS and 'workdir' not in flags.FLAGS
+
+
+
+def _module_level_imports(tree: ast.AST) -> list[str]:
+  """Names imported outside function bodies (what importing the module runs)."""
+  names = []
+  for node in ast.iter_child_nodes(tree):
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or _is_main_guard(node):
+      continue
+    if isinstance(node, ast.Import):
+      names.extend(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.append(node.module)
+    names.extend(_module_level_imports(node))
+  return names
+
+
+def test_only_drawing_functions_import_matplotlib():
+  """The library imports matplotlib inside the functions that draw (`plots`), never on import,
+  so the training path does not depend on it. (TensorFlow's Keras imports matplotlib.pyplot by
+  itself when matplotlib is installed; that is outside this package.)"""
+  for name, path in module_files().items():
+    tree = ast.parse(path.read_text())
+    eager = [m for m in _module_level_imports(tree) if m.split('.')[0] == 'matplotlib']
+    assert not eager, f'{name} imports {eager} on import'
+  lazy = [n for n in ast.walk(ast.parse((PACKAGE / 'plots.py').read_text()))
+          if isinstance(n, ast.ImportFrom) and (n.module or '').startswith('matplotlib')]
+  assert lazy  # The check above looks at the right module.

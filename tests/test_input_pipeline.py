@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from deeplab_jax import config as config_lib
-from deeplab_jax import inference, input_pipeline
+from deeplab_jax import inference, input_pipeline, sliding
 from deeplab_jax.datasets import shapes, spec
 from deeplab_jax.tools import input_throughput
 
@@ -227,6 +227,33 @@ def test_eval_iterator_pads_images_and_batches(data_dir):
     np.testing.assert_array_equal(label, expected_label)
     assert np.all(label[h:] == 255) and np.all(image[:, w:] == np.float32(MEAN))
   assert np.all(labels[8] == 255) and np.all(images[8] == np.float32(MEAN))
+  sizes = np.concatenate([b['size'] for b in batches])
+  np.testing.assert_array_equal(sizes[:8], [ex['image'].shape[:2] for ex in stored])
+  np.testing.assert_array_equal(sizes[8], [0, 0])
+
+
+def test_slide_eval_iterator_keeps_large_images_whole(data_dir):
+  config = _config(data_dir)
+  config.eval.mode = 'slide'
+  config.eval.crop_size = (33, 33)  # The window: every image (48-64 px) is larger.
+  builder = tfds.builder('deeplab_shapes/tiny', data_dir=data_dir)
+  stored = list(tfds.as_numpy(builder.as_dataset(split='validation', shuffle_files=False)))
+  iterator, count = input_pipeline.create_eval_iterator(config, mean_pixel=MEAN)
+  batches = list(iterator)
+  assert count == 8 and len(batches) == 3
+  rows = [(b, i) for b in batches for i in range(3)]
+  for (batch, i), ex in zip(rows, stored, strict=False):
+    h, w = ex['image'].shape[:2]
+    frame = sliding.padded_size(np.max(batch['size'][batch['valid']], 0), (33, 33), (22, 22))
+    assert batch['image'].shape == (3, *frame, 3) and batch['label'].shape == (3, *frame)
+    assert batch['size'][i].tolist() == [h, w] and batch['valid'][i]
+    np.testing.assert_array_equal(
+        batch['image'][i], inference.pad_image(ex['image'].astype(np.float32), frame, MEAN))
+    np.testing.assert_array_equal(
+        batch['label'][i], inference.pad_image(ex['segmentation_mask'][..., 0], frame, 255))
+  last = batches[-1]
+  assert last['valid'].tolist() == [True, True, False] and last['size'][2].tolist() == [0, 0]
+  assert np.all(last['label'][2] == 255) and np.all(last['image'][2] == np.float32(MEAN))
 
 
 def test_eval_num_images_and_processes(data_dir):

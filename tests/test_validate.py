@@ -73,6 +73,12 @@ def _set(config, field, value):
   ('train.log_every', 0, r'config.train.log_every=0 must be a positive integer'),
   ('train.checkpoint_every', -5, r'config.train.checkpoint_every=-5 must be a positive integer'),
   ('eval.every', 0, r'config.eval.every=0 must be a positive integer'),
+  ('eval.mode', 'tiles', r"config.eval.mode='tiles'; use 'whole'.* or 'slide'"),
+  ('eval.stride', (600, 300), r'config.eval.stride=\(600, 300\) must be .* no larger than the '
+   r'window config.eval.crop_size=\(513, 513\)'),
+  ('eval.stride', (0, 300), r'config.eval.stride=\(0, 300\) must be'),
+  ('eval.trimap_widths', (1, -2), r'config.eval.trimap_widths=\(1, -2\) must be band widths'),
+  ('eval.expected_miou', 82.2, r'config.eval.expected_miou=82.2 must be an mIoU in \[0, 1\]'),
   ('train.class_weights', (1.0, 2.0), r'config.train.class_weights has 2 entries for '
    r'config.model.num_classes=21'),
   ('train.top_k_percent_pixels', 0.0, r'config.train.top_k_percent_pixels=0.0 must be in \(0, 1\]'),

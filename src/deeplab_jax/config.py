@@ -86,6 +86,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.checkpoint_step = ml_collections.FieldReference(None, field_type=int)  # None: latest.
   e.num_images = ml_collections.FieldReference(None, field_type=int)  # None: whole split.
   e.num_summary_images = 3
+  # 'whole': each image padded to crop_size, one pass. 'slide': windows of crop_size every `stride`
+  # pixels, logits averaged where they overlap (`deeplab_jax.sliding`).
+  e.mode = 'whole'
+  e.stride = ml_collections.FieldReference(None, field_type=tuple)  # None: 2/3 of the window.
+  # Boundary mIoU in bands of these widths (px) around label boundaries; () = off (`trimap`).
+  e.trimap_widths = (1, 2, 4, 8, 16, 24, 32, 40)
+  e.plots = True  # Per-class IoU, confusion and trimap PNGs beside the eval JSON (`plots`).
+  # What this config's eval setting should give (a published or measured figure), for
+  # `deeplab_jax.tools.reproduce`; per class in class order where the reference has them.
+  e.expected_miou = ml_collections.FieldReference(None, field_type=float)
+  e.expected_per_class_iou = ml_collections.FieldReference(None, field_type=tuple)
 
   c.init_from = ml_collections.FieldReference(None, field_type=str)  # Checkpoint dir to start from.
   c.smoke = False  # True: shrink everything for a quick local run.

@@ -1,11 +1,15 @@
 """Evaluation: mIoU over a whole split, single- or multi-scale, as the official `eval.py`.
 
-Images come padded to `config.eval.crop_size` (mean pixel, label 255) and run through
-`inference.predict` at `config.eval.output_stride` (the same parameters serve any output stride) with
-`config.eval.scales` and `flip`. One confusion matrix is accumulated on the devices over the whole
-split (ignored, padded and invalid pixels masked) and turned into mIoU by
-`metrics.segmentation_metrics`. Results go to `WORKDIR/eval/<split>_<step>.json`, TensorBoard and
-`metrics.jsonl`, with input / ground truth / prediction PNGs of the first few images.
+`config.eval.mode='whole'`: images come padded to `config.eval.crop_size` (mean pixel, label 255)
+and run through `inference.predict`; `'slide'`: images of any size come padded to
+`sliding.padded_size` and run through `inference.predict_slide` in windows of the crop. Both at
+`config.eval.output_stride` (the same parameters serve any output stride) with `config.eval.scales`
+and `flip`. One confusion matrix is accumulated on the devices over the whole split (ignored, padded
+and invalid pixels masked) and turned into mIoU by `metrics.segmentation_metrics`, and one per
+width of `config.eval.trimap_widths` for the pixels near label boundaries (`trimap`). Results go to
+`WORKDIR/eval/<split>_<step>.json`, TensorBoard and `metrics.jsonl`, with input / ground truth /
+prediction PNGs of the first few images and charts (`plots`) as
+`WORKDIR/eval/<split>_<step>_{per_class_iou,confusion,trimap}.png`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from deeplab_jax import (
     caching,
@@ -30,7 +35,10 @@ from deeplab_jax import (
     metrics,
     models,
     paths,
+    plots,
     sharding,
+    sliding,
+    trimap,
     validate,
     visualize,
 )
@@ -54,25 +62,39 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate(rows)
 
 
-def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], confusion: jax.Array,
-              *, model: nn.Module, num_classes: int, scales: tuple[float, ...],
-              flip: bool) -> tuple[jax.Array, jax.Array]:
-  """Add a batch's (label, prediction) counts to `confusion`; also return the predictions."""
-  probs, _ = inference.predict(model, variables, batch['image'], scales, flip)
+def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array],
+              counts: Mapping[str, jax.Array], *, model: nn.Module, num_classes: int,
+              scales: tuple[float, ...], flip: bool,
+              slide: tuple[tuple[int, int], tuple[int, int]] | None = None,
+              trimap_widths: tuple[int, ...] = ()) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Add a batch's (label, prediction) counts to `counts` ('confusion' [C, C] and, with trimap
+  widths, 'trimap' [K, C, C]); also return the predictions. `slide`: (window, stride)."""
+  if slide is None:
+    probs, _ = inference.predict(model, variables, batch['image'], scales, flip)
+  else:
+    probs, _ = inference.predict_slide(model, variables, batch['image'], *slide, scales=scales,
+                                       flip=flip, sizes=batch['size'])
   prediction = inference.labels(probs)
   mask = batch['valid'][:, None, None] & (batch['label'] != IGNORE_LABEL)
-  return confusion + metrics.confusion_matrix(batch['label'], prediction, num_classes,
-                                              mask), prediction
+  out = {'confusion': counts['confusion'] + metrics.confusion_matrix(
+      batch['label'], prediction, num_classes, mask)}
+  if trimap_widths:
+    out['trimap'] = counts['trimap'] + trimap.trimap_confusion(
+        batch['label'], prediction, batch['size'], batch['valid'], trimap_widths, num_classes)
+  return out, prediction
 
 
 @caching.keyed_cache(maxsize=4, key=lambda config, mesh: (
     caching.config_key(config.model, config.eval), mesh))
 def _eval_step_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
-  """`eval_step` of `config` jitted on `mesh`, once per process (reruns reuse the compilation)."""
+  """`eval_step` of `config` jitted on `mesh`, once per process (reruns reuse the compilation);
+  jit compiles it once per batch shape."""
   step = functools.partial(
       eval_step, model=models.build_model(config.model, eval_output_stride(config)),
       num_classes=config.model.num_classes, scales=tuple(float(s) for s in config.eval.scales),
-      flip=bool(config.eval.flip))
+      flip=bool(config.eval.flip),
+      slide=sliding.eval_window(config) if config.eval.mode == 'slide' else None,
+      trimap_widths=tuple(int(w) for w in config.eval.trimap_widths))
   return jax.jit(step, donate_argnums=(2,), out_shardings=(
       sharding.replicated(mesh), sharding.batch_sharding(mesh)))
 
@@ -87,26 +109,36 @@ class Evaluator:
     self.class_names = tuple(class_names)
     self.num_classes = config.model.num_classes
     self.output_stride = eval_output_stride(config)
+    self.trimap_widths = tuple(int(w) for w in config.eval.trimap_widths)
     sharding.check_batch_size('config.eval.batch_size', config.eval.batch_size,
                               devices=mesh.devices.size)
     self._create_eval_iterator = create_eval_iterator or input_pipeline.create_eval_iterator
     self._step = _eval_step_program(config, mesh)
 
   def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """Local batches of exactly the local batch size (the iterator applies `eval.num_images`)."""
+    """Local batches of exactly the local batch size (the iterator applies `eval.num_images`),
+    of one shape over all processes. Without a `size` from the iterator, each row's image is taken
+    to fill the whole batch frame."""
     local = sharding.local_batch_size(self.config.eval.batch_size, 'config.eval.batch_size')
     mean_pixel = models.mean_pixel(self.config.model.backbone)
     iterator, _ = self._create_eval_iterator(
         self.config, mean_pixel=mean_pixel, process_index=jax.process_index(),
         process_count=jax.process_count())
     for batch in iterator:
+      rows, height, width = np.shape(batch['label'])[:3]
+      size = batch.get('size')
       batch = {k: np.asarray(batch[k]) for k in ('image', 'label', 'valid')}
-      rows = batch['image'].shape[0]
+      batch['size'] = (np.tile(np.int32([height, width]), (rows, 1)) if size is None
+                       else np.asarray(size, np.int32).reshape(rows, 2))
       if rows > local:
         raise ValueError(f'The eval iterator yields {rows} rows per process; expected at most '
                          f'{local} (config.eval.batch_size / process count).')
       if rows < local:
         batch = _pad_rows(batch, local, mean_pixel)
+      if jax.process_count() > 1 and self.config.eval.mode == 'slide':  # Sizes vary by batch.
+        shapes = multihost_utils.process_allgather(np.int32([height, width]))
+        batch = input_pipeline.pad_batch(batch, np.max(np.reshape(shapes, (-1, 2)), axis=0),
+                                         mean_pixel)
       yield batch
 
   def __call__(self, variables: Mapping[str, Any], step: int,
@@ -114,53 +146,95 @@ class Evaluator:
                workdir: str | os.PathLike | None = None) -> dict[str, Any]:
     """mIoU etc. of `variables` (replicated on the mesh or host arrays) at `step`.
 
-    Writes scalars and image summaries to `writer` and `WORKDIR/eval/<split>_<step>.json`.
+    Writes scalars and image summaries to `writer` and `WORKDIR/eval/<split>_<step>.json` (plus
+    charts, see the module docstring).
     """
     e = self.config.eval
     variables = sharding.replicate({'params': variables['params'],
                                     'batch_stats': variables['batch_stats']}, self.mesh)
-    pixels = int(np.prod(e.crop_size[:2])) * e.batch_size
-    flush_every = max(1, (2**31 - 1) // max(pixels, 1))  # int32 cells cannot overflow
-    total = np.zeros((self.num_classes, self.num_classes), np.int64)
-    confusion = jax.device_put(np.zeros_like(total, np.int32), sharding.replicated(self.mesh))
+    c, k = self.num_classes, len(self.trimap_widths)
+    shapes = {'confusion': (c, c), **({'trimap': (k, c, c)} if k else {})}
+    totals = {name: np.zeros(shape, np.int64) for name, shape in shapes.items()}
+
+    def zeros() -> dict[str, jax.Array]:
+      return jax.device_put({name: np.zeros(shape, np.int32) for name, shape in shapes.items()},
+                            sharding.replicated(self.mesh))
+
+    def flush(counts: Mapping[str, jax.Array]) -> None:
+      for name, value in jax.device_get(counts).items():
+        totals[name] += np.asarray(value, np.int64)
+
+    counts, counted = zeros(), 0  # `counted`: pixels in the int32 counts since the last flush.
     summary = None
     num_batches = 0
     with jax.set_mesh(self.mesh):
       for batch in self._batches():
+        pixels = int(np.prod(batch['label'].shape)) * jax.process_count()
+        if counted + pixels > 2**31 - 1:  # Flush before an int32 cell could overflow.
+          flush(counts)
+          counts, counted = zeros(), 0
         global_batch = sharding.global_batch(batch, self.mesh)
-        confusion, prediction = self._step(variables, global_batch, confusion)
+        counts, prediction = self._step(variables, global_batch, counts)
+        counted += pixels
         if summary is None and e.num_summary_images > 0:
           summary = (batch, prediction)
         num_batches += 1
-        if num_batches % flush_every == 0:
-          total += np.asarray(confusion, np.int64)
-          confusion = jax.device_put(np.zeros_like(total, np.int32),
-                                     sharding.replicated(self.mesh))
-      total += np.asarray(confusion, np.int64)
+      flush(counts)
     if num_batches == 0:
       raise ValueError(f'The eval split {self.config.data.eval_split!r} gave no batches.')
-    result = metrics.results_dict(step, metrics.segmentation_metrics(total), self.class_names,
-                                  split=self.config.data.eval_split,
-                                  output_stride=self.output_stride,
-                                  scales=[float(s) for s in e.scales], flip=bool(e.flip))
-    result['num_pixels'] = int(total.sum())
-    logging.info('Eval at step %d on %s: mIoU %.4f, pixel accuracy %.4f', step,
-                 self.config.data.eval_split, result['miou'], result['pixel_accuracy'])
-    images = (self._summary_images(*summary)
-              if summary is not None and jax.process_index() == 0 else None)
+    confusion = totals['confusion']
+    settings = {'split': self.config.data.eval_split, 'output_stride': self.output_stride,
+                'scales': [float(s) for s in e.scales], 'flip': bool(e.flip), 'mode': e.mode}
+    if e.mode == 'slide':
+      window, stride = sliding.eval_window(self.config)
+      settings.update(window=list(window), stride=list(stride))
+    result = metrics.results_dict(step, metrics.segmentation_metrics(confusion),
+                                  self.class_names, **settings)
+    result['num_pixels'] = int(confusion.sum())
+    if k:
+      result['trimap'] = [
+          {'width': w, 'num_pixels': int(cm.sum()),
+           **metrics.results_dict(step, metrics.segmentation_metrics(cm), self.class_names)}
+          for w, cm in zip(self.trimap_widths, totals['trimap'], strict=True)]
+      for band in result['trimap']:
+        del band['step']
+    result['confusion_matrix'] = confusion.tolist()
+    logging.info('Eval at step %d on %s: mIoU %.4f, pixel accuracy %.4f%s', step,
+                 self.config.data.eval_split, result['miou'], result['pixel_accuracy'],
+                 ''.join(f', trimap {b["width"]}px {b["miou"]:.4f}'
+                         for b in result.get('trimap', ())))
+    lead = jax.process_index() == 0
+    images = self._summary_images(*summary) if summary is not None and lead else None
+    charts = self._charts(result, confusion) if lead and e.plots else None
     if writer is not None:
       scalars = {'eval/miou': result['miou'], 'eval/pixel_accuracy': result['pixel_accuracy']}
       scalars.update({f'eval/iou/{name}': v for name, v in result['per_class_iou'].items()
                       if v is not None})
+      scalars.update({f'eval/trimap/miou_{b["width"]}px': b['miou']
+                      for b in result.get('trimap', ())})
       writer.write_scalars(step, scalars)
       if images is not None:
         writer.write_images(step, images)
+      if charts:
+        writer.write_images(step, {f'eval/plots/{kind}': chart[None]
+                                   for kind, chart in charts.items()})
       writer.flush()
-    if workdir is not None and jax.process_index() == 0:
+    if workdir is not None and lead:
       write_results(workdir, self.config.data.eval_split, step, result)
       if images is not None:
         visualize.write_images(workdir, self.config.data.eval_split, step, images)
+      if charts:
+        write_charts(workdir, self.config.data.eval_split, step, charts)
     return result
+
+  def _charts(self, result: Mapping[str, Any], confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """The eval's charts, or none (with a warning) where matplotlib is missing."""
+    try:
+      return plots.eval_charts(result, confusion, self.class_names)
+    except ImportError as error:
+      logging.warning('No eval charts (%s); pip install matplotlib, or set '
+                      'config.eval.plots=False.', error)
+      return {}
 
   def _summary_images(self, batch: Mapping[str, np.ndarray],
                       prediction: jax.Array) -> dict[str, np.ndarray]:
@@ -185,7 +259,8 @@ def _pad_rows(batch: Mapping[str, np.ndarray], rows: int,
   label = np.concatenate([batch['label'], np.full((extra, *batch['label'].shape[1:]),
                                                   IGNORE_LABEL, batch['label'].dtype)])
   valid = np.concatenate([batch['valid'], np.zeros(extra, bool)])
-  return {'image': image.astype(np.float32), 'label': label, 'valid': valid}
+  size = np.concatenate([batch['size'], np.zeros((extra, 2), np.int32)])
+  return {'image': image.astype(np.float32), 'label': label, 'valid': valid, 'size': size}
 
 
 def write_results(workdir: str | os.PathLike, split: str, step: int,
@@ -197,6 +272,16 @@ def write_results(workdir: str | os.PathLike, split: str, step: int,
   with paths.open_file(path, 'w') as f:
     json.dump(result, f, indent=2)
   return path
+
+
+def write_charts(workdir: str | os.PathLike, split: str, step: int,
+                 charts: Mapping[str, np.ndarray]) -> list[str]:
+  """Write each chart as `WORKDIR/eval/<split>_<step>_<kind>.png`; returns the paths."""
+  directory = paths.join(workdir, 'eval')
+  paths.makedirs(directory)
+  stem = visualize.result_stem(split, step)
+  return [visualize.write_png(paths.join(directory, f'{stem}_{kind}.png'), chart)
+          for kind, chart in charts.items()]
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -211,7 +296,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
 
   Returns:
     The result dict also written to `WORKDIR/eval/<split>_<step>.json` (`step`, `miou`,
-    `per_class_iou`, `pixel_accuracy`, settings); scalars also go to TensorBoard and metrics.jsonl.
+    `per_class_iou`, `pixel_accuracy`, settings, `num_pixels`, `trimap`, `confusion_matrix`);
+    scalars also go to TensorBoard and metrics.jsonl.
   """
   config = apply_smoke(config)
   validate.validate_config(config, mode='eval')

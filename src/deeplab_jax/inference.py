@@ -5,6 +5,9 @@ segmenting image files.
 (align_corners=True) to `int((size - 1) * scale + 1)`, run through the model, and its logits are
 resized back to the input size; softmax probabilities are averaged over scales and left-right flips
 and the argmax of that average is the prediction, as in the official multi-scale inference.
+`predict_slide` does the same with the image cut into overlapping windows (`deeplab_jax.sliding`):
+per scale and flip, each window is predicted as `predict` would predict it alone and the window
+logits are averaged where windows overlap, before the softmax.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import fractions
 import functools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,7 +26,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from deeplab_jax import checkpoint, models, paths, validate, visualize
+from deeplab_jax import caching, checkpoint, models, paths, sliding, validate, visualize
 from deeplab_jax.config import apply_smoke, eval_output_stride
 from deeplab_jax.errors import ConfigError
 from deeplab_jax.models import layers
@@ -51,6 +54,32 @@ def scaled_size(size: Sequence[Any], scale: float) -> tuple[Any, Any]:
   return tuple((d - 1) * ratio.numerator // ratio.denominator + 1 for d in size[:2])
 
 
+def _logits(model: nn.Module, variables: Mapping[str, Any], images: jax.Array, scale: float,
+            flipped: bool) -> jax.Array:
+  """float32 logits of `images` resized by `scale` (and flipped), back at the input size."""
+  size = images.shape[1:3]
+  x = images if scale == 1.0 else layers.resize_bilinear(images, scaled_size(size, scale))
+  xi = x[:, :, ::-1] if flipped else x
+  logits = model.apply(variables, xi, train=False).astype(jnp.float32)
+  if flipped:
+    logits = logits[:, :, ::-1]
+  return layers.resize_bilinear(logits, size)
+
+
+def _average(logits_per_view: Iterable[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(mean softmax, mean logits) over the views (scales x flips)."""
+  probs, logits_sum, count = 0.0, 0.0, 0
+  for logits in logits_per_view:
+    probs = probs + jax.nn.softmax(logits, axis=-1)
+    logits_sum = logits_sum + logits
+    count += 1
+  return probs / count, logits_sum / count
+
+
+def _views(scales: Sequence[float], flip: bool) -> list[tuple[float, bool]]:
+  return [(float(s), f) for s in scales for f in ((False, True) if flip else (False,))]
+
+
 def predict(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
             scales: Sequence[float] = (1.0,), flip: bool = False) -> tuple[jax.Array, jax.Array]:
   """(probabilities, logits) [B, H, W, C] of `images` [B, H, W, 3] in 0..255, at input size.
@@ -59,20 +88,44 @@ def predict(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
   logits are averaged likewise (single scale without flip: exactly the model's logits). Pure: jit it
   once per input shape.
   """
-  size = images.shape[1:3]
-  probs, logits_sum, count = 0.0, 0.0, 0
-  for scale in scales:
-    x = images if scale == 1.0 else layers.resize_bilinear(images, scaled_size(size, scale))
-    for flipped in ((False, True) if flip else (False,)):
-      xi = x[:, :, ::-1] if flipped else x
-      logits = model.apply(variables, xi, train=False).astype(jnp.float32)
-      if flipped:
-        logits = logits[:, :, ::-1]
-      logits = layers.resize_bilinear(logits, size)
-      probs = probs + jax.nn.softmax(logits, axis=-1)
-      logits_sum = logits_sum + logits
-      count += 1
-  return probs / count, logits_sum / count
+  return _average(_logits(model, variables, images, s, f) for s, f in _views(scales, flip))
+
+
+def predict_slide(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
+                  window: Sequence[int], stride: Sequence[int], scales: Sequence[float] = (1.0,),
+                  flip: bool = False, sizes: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """`predict` in sliding windows: (probabilities, logits) [B, H, W, C] of `images` [B, H, W, 3].
+
+  Windows of `window` (clipped to the image) start at `sliding.window_starts`; all windows of the
+  batch go through the model as one batch. Per scale and flip, each window's logits are those
+  `predict` gives the window alone, and every pixel gets the mean logits of the windows covering it;
+  softmax and averaging over scales and flips follow as in `predict`. `sizes` (int [B, 2], each
+  image's own height and width) restricts each row to the windows inside its own
+  `sliding.padded_size` (`sliding.window_weights`); pixels no window of the row covers get logits 0.
+  None: every window counts. An image no larger than the window is exactly `predict`.
+  """
+  batch, height, width = images.shape[:3]
+  win = (min(int(window[0]), height), min(int(window[1]), width))
+  starts = [(y, x) for y in sliding.window_starts(height, win[0], int(stride[0]))
+            for x in sliding.window_starts(width, win[1], int(stride[1]))]
+  crops = jnp.concatenate([images[:, y:y + win[0], x:x + win[1]] for y, x in starts])
+  weights = (jnp.ones((len(starts), batch), jnp.float32) if sizes is None
+             else sliding.window_weights(starts, win, stride, sizes))
+  coverage = jnp.zeros((batch, height, width, 1), jnp.float32)
+  for k, (y, x) in enumerate(starts):
+    coverage = coverage.at[:, y:y + win[0], x:x + win[1]].add(weights[k][:, None, None, None])
+
+  def overlap_average(window_logits: jax.Array) -> jax.Array:
+    window_logits = window_logits.reshape(len(starts), batch, *window_logits.shape[1:])
+    total = jnp.zeros((batch, height, width, window_logits.shape[-1]), jnp.float32)
+    for k, (y, x) in enumerate(starts):
+      total = total.at[:, y:y + win[0], x:x + win[1]].add(
+          window_logits[k] * weights[k][:, None, None, None])
+    return jnp.where(coverage > 0, total / jnp.maximum(coverage, 1.0), 0.0)
+
+  return _average(overlap_average(_logits(model, variables, crops, s, f))
+                  for s, f in _views(scales, flip))
 
 
 def labels(probabilities: jax.Array) -> jax.Array:
@@ -117,37 +170,60 @@ def load_variables(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                                       template=models.variable_shapes(config.model))
 
 
+@caching.keyed_cache(maxsize=4, key=lambda config: caching.config_key(config.model, config.eval))
+def predict_program(config: ml_collections.ConfigDict) -> Callable:
+  """jit of (variables, images [B, H, W, 3]) -> (labels int32 [B, H, W], logits [B, H, W, C]) with
+  `config.eval`'s mode, output stride, scales and flip: compiled once per input shape and reused
+  by every `Predictor` of the same model and eval settings in this process."""
+  model = models.build_model(config.model, eval_output_stride(config))
+  scales, flip = tuple(float(s) for s in config.eval.scales), bool(config.eval.flip)
+  if config.eval.mode == 'slide':
+    window, stride = sliding.eval_window(config)
+    infer = functools.partial(predict_slide, model, window=window, stride=stride, scales=scales,
+                              flip=flip)
+  else:
+    infer = functools.partial(predict, model, scales=scales, flip=flip)
+
+  def labels_and_logits(variables, images):
+    probs, logits = infer(variables, images)
+    return labels(probs), logits
+
+  return jax.jit(labels_and_logits)
+
+
+def input_size(config: ml_collections.ConfigDict, size: Sequence[int]) -> tuple[int, int]:
+  """What an image of `size` is padded to for inference: `padded_size` in whole mode,
+  `sliding.padded_size` in slide mode."""
+  if config.eval.mode == 'slide':
+    return sliding.padded_size(size, *sliding.eval_window(config))
+  return padded_size(size, config.eval.crop_size, eval_output_stride(config))
+
+
 class Predictor:
-  """Inference of one image at a time with the evaluator's output stride, scales and flip."""
+  """Inference of one image at a time with the evaluator's mode, output stride, scales and flip."""
 
   def __init__(self, config: ml_collections.ConfigDict, variables: Mapping[str, Any]):
     self.config = config
     self.output_stride = eval_output_stride(config)
-    model = models.build_model(config.model, self.output_stride)
     self.mean_pixel = np.asarray(models.mean_pixel(config.model.backbone), np.float32)
     self.variables = jax.device_put({'params': variables['params'],
                                      'batch_stats': variables['batch_stats']})
-    infer = functools.partial(predict, model, scales=tuple(config.eval.scales),
-                              flip=bool(config.eval.flip))
-
-    def labels_and_logits(variables, images):
-      probs, logits = infer(variables, images)
-      return labels(probs), logits
-
-    self._fn = jax.jit(labels_and_logits)
+    self._fn = predict_program(config)
     self._sizes: set[tuple[int, int]] = set()
 
   def __call__(self, image: np.ndarray) -> tuple[np.ndarray, jax.Array]:
     """(labels int32 [H, W], logits [H, W, C] as a device array) of a uint8/float RGB image.
 
-    The image is padded with the mean pixel to `config.eval.crop_size` (or, if larger, to its own
-    size rounded up to k * output_stride + 1: one compilation per new size) and cropped back.
+    Whole mode: the image is padded with the mean pixel to `config.eval.crop_size` (or, if larger,
+    to its own size rounded up to k * output_stride + 1). Slide mode: to `sliding.padded_size`.
+    One compilation per padded size; the outputs are cropped back to the image.
     """
     h, w = image.shape[:2]
-    size = padded_size((h, w), self.config.eval.crop_size, self.output_stride)
+    size = input_size(self.config, (h, w))
     if size != tuple(self.config.eval.crop_size) and size not in self._sizes:
-      logging.info('Image of %dx%d is larger than config.eval.crop_size=%s: padding it to %dx%d '
-                   '(compiles once per new size).', h, w, tuple(self.config.eval.crop_size), *size)
+      logging.info('Image of %dx%d: padding it to %dx%d for config.eval.mode=%r, crop_size=%s '
+                   '(compiles once per new size).', h, w, *size, self.config.eval.mode,
+                   tuple(self.config.eval.crop_size))
     self._sizes.add(size)
     padded = pad_image(np.asarray(image)[..., :3], size, self.mean_pixel)[None]
     labels, logits = self._fn(self.variables, padded)

@@ -31,6 +31,7 @@ TensorFlow runs on the CPU only: the pipeline hides accelerators from it, leavin
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -39,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from deeplab_jax import sharding
+from deeplab_jax import sharding, sliding
 from deeplab_jax.datasets import spec as spec_lib
 from deeplab_jax.datasets.spec import IGNORE_LABEL
 from deeplab_jax.errors import ConfigError, DatasetError
@@ -125,9 +126,10 @@ def pad_for_eval(image: tf.Tensor, label: tf.Tensor, name: tf.Tensor, *,
       'Eval image', name, 'has height, width', shape, f'which exceeds config.eval.crop_size='
       f'{tuple(crop_size)}. Images are padded, never resized, for evaluation: raise '
       'config.eval.crop_size to at least the largest image size of the split (ideally '
-      'output_stride * k + 1, e.g. 513 for VOC, (1025, 2049) for Cityscapes).'], summarize=4)
-  with tf.control_dependencies([check]):
-    image, label = tf.cast(image, tf.float32), tf.cast(label, tf.int32)
+      'output_stride * k + 1, e.g. 513 for VOC, (1025, 2049) for Cityscapes), or evaluate in '
+      "windows of the crop with config.eval.mode='slide'."], summarize=4)
+  with tf.control_dependencies([check]):  # identity: a no-op cast would not wait for the check.
+    image, label = tf.cast(image, tf.float32), tf.identity(tf.cast(label, tf.int32))
   image, label = _pad_bottom_right(image, label, crop_h, crop_w, mean_pixel)
   image.set_shape([crop_h, crop_w, 3])
   label.set_shape([crop_h, crop_w])
@@ -354,10 +356,14 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Seque
                          ) -> tuple[Iterator[Batch], int]:
   """This process's evaluation batches (one pass) and the number of real images over all processes.
 
-  Yields {'image': float32 [B, Hc, Wc, 3], 'label': int32 [B, Hc, Wc], 'valid': bool [B]} with
-  B = eval.batch_size // process_count and (Hc, Wc) = eval.crop_size: whole images padded at the
-  bottom/right with the mean pixel and label 255. Every process yields the same number of batches;
-  the rows past the end are padding (mean-pixel image, label all 255, valid False).
+  Yields {'image': float32 [B, Hc, Wc, 3], 'label': int32 [B, Hc, Wc], 'valid': bool [B],
+  'size': int32 [B, 2]} with B = eval.batch_size // process_count: whole images padded at the
+  bottom/right with the mean pixel and label 255, and each image's own (height, width) in `size`.
+  `config.eval.mode='whole'`: (Hc, Wc) = eval.crop_size, and an image larger than it is an error.
+  `'slide'`: images may be larger than the window (eval.crop_size); (Hc, Wc) is the largest
+  `sliding.padded_size` among the batch's images, so it can change from batch to batch. Every
+  process yields the same number of batches; the rows past the end are padding (mean-pixel image,
+  label all 255, valid False, size 0).
   """
   spec, builder = _open_dataset(config, process_count)
   batch_size = sharding.local_batch_size(config.eval.batch_size, 'config.eval.batch_size',
@@ -373,24 +379,28 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, mean_pixel: Seque
   shards = tfds.even_splits(split, n=process_count) if process_count > 1 else [split]
   sizes = [builder.info.splits[s].num_examples for s in shards]
   num_batches = math.ceil(max(sizes) / batch_size)
-
+  padding = num_batches * batch_size - sizes[process_index]
   decode = _decoder(builder, spec)
+  ds = _serialized_records(builder, shards[process_index], spec)
+  if config.eval.mode == 'slide':
+    return _slide_batches(ds, decode, config, batch_size, padding, mean_pixel), total
+
   crop_size = tuple(config.eval.crop_size)
 
   def process(record):
     image, label = decode(record)
+    size = tf.shape(label)[:2]
     image, label = pad_for_eval(image, label, record['name'], crop_size=crop_size,
                                 mean_pixel=mean_pixel)
-    return {'image': image, 'label': label, 'valid': tf.constant(True)}
+    return {'image': image, 'label': label, 'valid': tf.constant(True), 'size': size}
 
-  ds = _serialized_records(builder, shards[process_index], spec)
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   filler = {
       'image': tf.broadcast_to(tf.constant(mean_pixel, tf.float32), (*crop_size, 3)),
       'label': tf.fill(crop_size, tf.constant(IGNORE_LABEL, tf.int32)),
       'valid': tf.constant(False),
+      'size': tf.zeros([2], tf.int32),
   }
-  padding = num_batches * batch_size - sizes[process_index]
   ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(padding))
   ds = _options(ds.batch(batch_size).prefetch(config.data.prefetch))
   return _NumpyBatches(ds), total
@@ -403,6 +413,63 @@ def images(config: ml_collections.ConfigDict, split: str, num_images: int) -> It
   decode = builder.info.features[spec.image_key].decode_example
   ds = _serialized_records(builder, split, spec).take(int(num_images))
   yield from ds.map(lambda record: decode(record['image'])).as_numpy_iterator()
+
+
+def pad_batch(batch: Batch, size: Sequence[int], mean_pixel: Sequence[float]) -> Batch:
+  """`batch` with its images padded at the bottom/right to `size` (mean pixel, label 255)."""
+  height, width = batch['label'].shape[1:3]
+  out_h, out_w = int(size[0]), int(size[1])
+  if (height, width) == (out_h, out_w):
+    return batch
+  rows = batch['label'].shape[0]
+  image = np.empty((rows, out_h, out_w, 3), np.float32)
+  image[...] = np.asarray(mean_pixel, np.float32)
+  image[:, :height, :width] = batch['image']
+  label = np.full((rows, out_h, out_w), IGNORE_LABEL, np.int32)
+  label[:, :height, :width] = batch['label']
+  return {**batch, 'image': image, 'label': label}
+
+
+def _slide_batches(ds: tf.data.Dataset, decode: Callable, config: ml_collections.ConfigDict,
+                   batch_size: int, padding: int, mean_pixel: Sequence[float]) -> Iterator[Batch]:
+  """Slide-mode batches: decoded images of any size, stacked on the host after padding each batch
+  to the largest `sliding.padded_size` of its images (see `create_eval_iterator`)."""
+  window, stride = sliding.eval_window(config)
+
+  def process(record):
+    image, label = decode(record)
+    return {'image': tf.cast(image, tf.float32), 'label': label}
+
+  ds = _options(ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                .prefetch(config.data.prefetch))
+  filler = {'image': np.broadcast_to(np.asarray(mean_pixel, np.float32), (*window, 3)),
+            'label': np.full(window, IGNORE_LABEL, np.int32)}
+  fillers = [None] * padding
+
+  def batch_of(examples: list) -> Batch:
+    size = sliding.padded_size(
+        np.max([(filler if e is None else e)['label'].shape for e in examples], axis=0), window,
+        stride)
+    rows = [pad_batch({'image': (filler if e is None else e)['image'][None],
+                       'label': (filler if e is None else e)['label'][None]}, size, mean_pixel)
+            for e in examples]
+    return {'image': np.concatenate([r['image'] for r in rows]),
+            'label': np.concatenate([r['label'] for r in rows]),
+            'valid': np.asarray([e is not None for e in examples]),
+            'size': np.asarray([(0, 0) if e is None else e['label'].shape for e in examples],
+                               np.int32).reshape(-1, 2)}
+
+  def batches() -> Iterator[Batch]:
+    pending = []
+    for example in itertools.chain(_NumpyBatches(ds), fillers):
+      pending.append(example)
+      if len(pending) == batch_size:
+        yield batch_of(pending)
+        pending = []
+    if pending:
+      yield batch_of(pending)
+
+  return batches()
 
 
 if __name__ == '__main__':  # The older spelling of `python -m deeplab_jax.tools.input_throughput`.

@@ -4,6 +4,7 @@
 for a config that cannot work: an unknown backbone, an unsupported output stride, ASPP rates that are
 not positive or that were set larger than the feature map, a batch that does not split over the
 devices, a `num_classes` that disagrees with the dataset, non-positive eval scales or intervals, an
+unknown eval mode, a slide stride larger than the window, negative trimap widths, an
 `init_from` without a checkpoint. Crop sizes not of the form `output_stride * k + 1` only log a
 warning: they work, but features and labels are then not aligned the way the official models were
 trained. A checkpoint that does not fit the model is found on restore (`deeplab_jax.checkpoint` reads
@@ -61,6 +62,8 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
     raise ConfigError(f'config.eval.scales={scales} must be one or more positive factors, e.g. '
                       '(1.0,) or (0.5, 0.75, 1.0, 1.25, 1.5, 1.75).')
 
+  _check_eval_extras(e)
+
   if training:
     t = config.train
     sharding.check_batch_size('config.train.batch_size', t.batch_size,
@@ -86,6 +89,33 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
                               devices=_devices(device_count), processes=process_count)
     _check_crop('config.eval.crop_size', e.crop_size, eval_os)
     _check_rates_fit(m, eval_os, e.crop_size, 'config.eval.crop_size')
+
+
+EVAL_MODES = ('whole', 'slide')
+
+
+def _check_eval_extras(e: ml_collections.ConfigDict) -> None:
+  """Slide mode, trimap widths and the expected figures."""
+  if e.mode not in EVAL_MODES:
+    raise ConfigError(f"config.eval.mode={e.mode!r}; use 'whole' (each image padded to "
+                      "config.eval.crop_size) or 'slide' (windows of config.eval.crop_size).")
+  if e.stride is not None:
+    stride, window = tuple(e.stride), tuple(e.crop_size)[:2]
+    if (len(stride) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0
+                                for s in stride)
+        or any(s > w for s, w in zip(stride, window, strict=False))):
+      raise ConfigError(f'config.eval.stride={stride} must be (height, width), positive '
+                        f'integers no larger than the window config.eval.crop_size={window} '
+                        '(windows further apart would leave pixels out), or None for 2/3 of '
+                        'the window.')
+  widths = tuple(e.trimap_widths or ())
+  if any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in widths):
+    raise ConfigError(f'config.eval.trimap_widths={widths} must be band widths in pixels '
+                      '(integers >= 0), e.g. (1, 2, 4, 8, 16, 24, 32, 40), or () for none.')
+  expected = e.expected_miou
+  if expected is not None and not 0.0 <= expected <= 1.0:
+    raise ConfigError(f'config.eval.expected_miou={expected} must be an mIoU in [0, 1] (e.g. '
+                      '0.822 for 82.2%), or None.')
 
 
 def _devices(device_count: int | None) -> int:
