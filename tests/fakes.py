@@ -81,12 +81,15 @@ def fake_eval_iterator(config, *, mean_pixel, process_index=0, process_count=1, 
 
 
 def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
-  """`config.tiny_config` on the fake dataset (3 classes, 33x33 eval crops, official BN decays)."""
+  """`config.tiny_config` on the fake dataset (3 classes, 33x33 eval crops, official BN decays, no
+  trimaps or charts)."""
   c = config_lib.tiny_config()
   c.model.num_classes = len(FAKE_CLASSES)
   c.model.bn_decay = None
   c.data.dataset = FAKE_DATASET
   c.eval.crop_size = (33, 33)
+  c.eval.trimap_widths = ()  # Tests of trimaps and charts turn them on.
+  c.eval.plots = False
   for k, v in train_overrides.items():
     c.train[k] = v
   return c

@@ -43,7 +43,10 @@ from deeplab_jax import config
 
 def get_config():
   c = config.tiny_config(data_dir={data_dir!r})
+  c.model.aspp_channels = c.model.decoder_channels = 8  # Narrower than tiny: less to compile.
+  c.model.low_level_channels = 4
   c.model.atrous_rates = (1, 2)  # Below the 3x3 feature map of a 33x33 crop at output stride 16.
+  c.eval.trimap_widths = ()
   c.data.shuffle_buffer = 32
   c.train.num_steps = {num_steps}
   c.train.log_every = 1

@@ -164,9 +164,12 @@ def _train_records(workdir):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """One uninterrupted 6-step run with checkpoints at 3 and 6 and an evaluation at 6."""
+  """One uninterrupted 6-step run with checkpoints at 3 and 6 and an evaluation at 6 (with
+  trimap mIoU and charts, as the default config evaluates)."""
   workdir = str(tmp_path_factory.mktemp('trained'))
-  state = _run(tiny_config(), workdir)
+  config = tiny_config()
+  config.eval.trimap_widths, config.eval.plots = (1, 4), True
+  state = _run(config, workdir)
   return workdir, jax.device_get(state.params)
 
 
@@ -198,6 +201,10 @@ def test_train_and_evaluate_end_to_end(trained):
                                       for k in ('ground_truth', 'input', 'prediction')]
   gt = np.asarray(Image.open(os.path.join(pngs, '0_ground_truth.png')))
   assert gt.shape == (*tiny_config().eval.crop_size, 3) and gt.dtype == np.uint8
+  # Boundary mIoU per band width, and the charts beside the JSON.
+  assert [t['width'] for t in result['trimap']] == [1, 4]
+  for kind in ('per_class_iou', 'confusion', 'trimap'):
+    assert os.path.isfile(os.path.join(workdir, 'eval', f'validation_6_{kind}.png')), kind
 
 
 def test_eval_mode_from_checkpoint_equals_eval_at_end_of_training(trained):
