@@ -5,6 +5,7 @@
   convert                  TF / timm weights -> ckpt   input_throughput  time the input pipeline
   flops                    count multiply-adds         benchmark         time a step, memory
   soak                     host memory over a run      export            StableHLO, SavedModel, TFLite
+  reproduce                a checkpoint vs its expected mIoU
 
 Nothing in the library imports this package.
 """
