@@ -36,4 +36,5 @@ def get_config():
   c.optim.weight_decay = 4e-5
   c.eval.crop_size = (1025, 2049)
   c.eval.batch_size = 2
+  c.eval.expected_miou = 0.7071  # Model zoo mobilenetv2_coco_cityscapes_trainfine, OS 16.
   return c
