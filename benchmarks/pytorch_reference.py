@@ -5,6 +5,7 @@ Run (needs the `parity` extra: torch, torchvision, timm; deeplab_jax for the mul
     python benchmarks/pytorch_reference.py                      # infer batch 1 and train batch 4, 513x513
     python benchmarks/pytorch_reference.py --mode=train --batch=4 --steps=3 --threads=2
     python benchmarks/pytorch_reference.py --mode=infer --steps=5 --jax_impls=shift,grouped
+    python benchmarks/pytorch_reference.py --mode=infer --steps=5 --channels_last --compile
 
 Prints one JSON object per mode with the keys of `python -m deeplab_jax.tools.benchmark` (`compile_s` is
 the first, untimed step: PyTorch runs eagerly). On a shared machine, compare frameworks within one
@@ -132,17 +133,19 @@ def jax_multiply_adds(crop: tuple[int, int]) -> int | None:
 
 
 def torch_step(model: nn.Module, mode: str, batch: int, crop: tuple[int, int],
-               channels_last: bool) -> Callable[[], object]:
-  """One inference pass or SGD step of `model` on fixed random data."""
+               channels_last: bool, compile_model: bool = False) -> Callable[[], object]:
+  """One inference pass or SGD step of `model` on fixed random data (`compile_model`: the forward
+  pass through `torch.compile`, whose compilation then falls in the first, untimed step)."""
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
   images = (torch.rand(batch, 3, *crop) * 2 - 1).contiguous(memory_format=memory_format)
   model = model.to(memory_format=memory_format)
+  forward = torch.compile(model) if compile_model else model
   if mode == 'infer':
     model.eval()
 
     def step():
       with torch.inference_mode():
-        return model(images)
+        return forward(images)
     return step
   model.train()
   labels = torch.randint(0, 21, (batch, *crop))
@@ -152,7 +155,7 @@ def torch_step(model: nn.Module, mode: str, batch: int, crop: tuple[int, int],
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model(images), labels)
+    loss = loss_fn(forward(images), labels)
     loss.backward()
     optimizer.step()
     return loss
@@ -209,6 +212,7 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--threads', type=int, default=2)
   parser.add_argument('--channels_last', action='store_true')
+  parser.add_argument('--compile', action='store_true', help='torch.compile the model')
   parser.add_argument('--matmul_size', type=int, default=2048)
   parser.add_argument('--jax_impls', default='',
                       help='e.g. "shift,grouped": also time the JAX model with these depthwise '
@@ -224,7 +228,7 @@ def main() -> None:
   impls = [i for i in args.jax_impls.split(',') if i]
   for mode in ('infer', 'train') if args.mode == 'both' else (args.mode,):
     batch = args.batch or (1 if mode == 'infer' else 4)
-    step = torch_step(model, mode, batch, crop, args.channels_last)
+    step = torch_step(model, mode, batch, crop, args.channels_last, args.compile)
     first = timed(step)
     prepared = jax_steps(mode, batch, crop, impls)
     torch_matmul, work = matmul_reference(args.matmul_size)
@@ -245,6 +249,7 @@ def main() -> None:
         'device_count': 1,
         'threads': torch.get_num_threads(),
         'channels_last': args.channels_last,
+        'torch_compile': args.compile,
         'compile_s': first,
         'steps': args.steps,
         'step_time_median_s': median,

@@ -93,3 +93,12 @@ def test_command_prints_one_json_object(tmp_path):
   check_result(result, 'infer', batch=2)
   assert result['depthwise_impl'] == 'grouped'
   assert result['backbone'] == 'xception_41'
+
+
+def test_folded_batch_norm_inference_and_its_train_error():
+  result = benchmark.benchmark(tiny_config(), 'infer', steps=1, matmul_size=64, op_breakdown=False,
+                               fold_batch_norm=True)
+  check_result(result, 'infer', batch=1)
+  assert result['fold_batch_norm'] is True and 'op_time_s' not in result
+  with pytest.raises(ValueError, match='fold_batch_norm is for --mode=infer'):
+    benchmark.prepare(tiny_config(), 'train', fold_batch_norm=True)

@@ -50,17 +50,19 @@ class DeepLab(nn.Module):
   dtype: Any
   remat: bool
   bn_decay: float | None
+  # Inference: every BatchNorm folded into its conv (`layers.fold_batch_norm`), same variables.
+  fold_batch_norm: bool = False
 
   def _backbone(self) -> nn.Module:
     return build_backbone(self.backbone, self.output_stride, self.multi_grid,
                           self.width_multiplier, self.depthwise_impl, self.freeze_backbone_bn,
-                          self.dtype, self.remat, self.bn_decay, name=backbone_scope(self.backbone))
+                          self.dtype, self.remat, self.bn_decay, name=backbone_scope(self.backbone),
+                          fold_bn=self.fold_batch_norm)
 
   @property
   def _head_bn(self) -> layers.BatchNormConfig:
-    if self.bn_decay is None:
-      return HEAD_BATCH_NORM
-    return layers.BatchNormConfig(self.bn_decay, HEAD_BATCH_NORM.epsilon)
+    decay = HEAD_BATCH_NORM.decay if self.bn_decay is None else self.bn_decay
+    return layers.BatchNormConfig(decay, HEAD_BATCH_NORM.epsilon, folded=self.fold_batch_norm)
 
   def _conv(self, features: int, kernel_size: int, name: str, **kwargs) -> nn.Module:
     return layers.ConvBN(features, kernel_size, bn=self._head_bn, dtype=self.dtype, name=name,

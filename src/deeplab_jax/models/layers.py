@@ -33,6 +33,9 @@ class BatchNormConfig:
   decay: float = 0.9997
   epsilon: float = 1e-5
   frozen: bool = False  # Use the moving statistics, also in training (no update).
+  # Inference only: apply the BatchNorm as a per-channel scale of the preceding conv's kernel and a
+  # bias (`fold_batch_norm`); the variables are the unfolded ones, read at apply time.
+  folded: bool = False
 
 
 def effective_kernel(kernel_size: int, rate: int) -> int:
@@ -177,6 +180,26 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arra
   return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
 
 
+def fold_batch_norm(module: nn.Module, kernel: jax.Array, train: bool,
+                    channel_axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """(kernel * scale, shift): `module`'s `BatchNorm` child folded into its float32 `kernel`.
+
+  conv(x, kernel * scale) + shift equals BatchNorm(conv(x, kernel)) in inference up to float
+  rounding, one pass over the activation fewer. The child's variables are read from `module`'s
+  own (the tree is the unfolded model's, so checkpoints load unchanged).
+  """
+  if train and not module.bn.frozen:
+    raise ValueError(f'{module.name}: a folded BatchNorm uses the moving statistics; it is for '
+                     'inference (train=False), not training.')
+  params = module.variables['params']['BatchNorm']
+  stats = module.variables['batch_stats']['BatchNorm']
+  scale = params['gamma'] * lax.rsqrt(stats['moving_variance'] + module.bn.epsilon)
+  shift = params['beta'] - stats['moving_mean'] * scale
+  shape = [1] * kernel.ndim
+  shape[channel_axis] = scale.shape[0]
+  return kernel * scale.reshape(shape), shift
+
+
 class BatchNorm(nn.Module):
   """TF-slim BatchNorm: params gamma/beta, batch_stats moving_mean/moving_variance.
 
@@ -239,6 +262,9 @@ class ConvBN(nn.Module):
     k = self.kernel_size
     rate = self.rate if k > 1 else 1
     kernel = self.param('weights', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    folded = self.use_bn and self.bn.folded and not self.is_initializing()
+    if folded:
+      kernel, shift = fold_batch_norm(self, kernel, train)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if k == 1:
       y = pointwise_conv(x, kernel, self.stride)
@@ -247,7 +273,9 @@ class ConvBN(nn.Module):
                conv_padding(x.shape, k, self.stride, rate, self.explicit_padding), rate)
     if self.use_bias:
       y = y + self.param('biases', nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
-    if self.use_bn:
+    if folded:
+      y = y + shift.astype(y.dtype)
+    elif self.use_bn:
       y = BatchNorm(self.bn, name='BatchNorm')(y, train)
     return self.activation(y) if self.activation is not None else y
 
@@ -272,9 +300,14 @@ class DepthwiseConvBN(nn.Module):
     k = self.kernel_size
     kernel = self.param('depthwise_weights', self.kernel_init, (k, k, x.shape[-1], 1), jnp.float32)
     padding = conv_padding(x.shape, k, self.stride, self.rate, self.explicit_padding)
+    folded = self.use_bn and self.bn.folded and not self.is_initializing()
+    if folded:
+      kernel, shift = fold_batch_norm(self, kernel, train, channel_axis=2)
     y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.rate,
                        padding, self.impl)
-    if self.use_bn:
+    if folded:
+      y = y + shift.astype(y.dtype)
+    elif self.use_bn:
       y = BatchNorm(self.bn, name='BatchNorm')(y, train)
     return self.activation(y) if self.activation is not None else y
 

@@ -20,7 +20,13 @@ Runs on random data at the config's crop (`train.crop_size` for `--mode=train`, 
 - `compiled_temp_bytes`: the step's scratch memory (activations kept for the backward pass, ...) as
   XLA planned it (`memory_analysis()`), where the backend reports it;
 - `compile_cpu_s`: the compile's process CPU time, a steadier figure than `compile_s` on a busy
-  machine; `load_average`: the machine's load at the end.
+  machine; `load_average`: the machine's load at the end;
+- `op_time_s`, `op_fractions`, `op_time_total_s`, `top_ops` (unless `--op_breakdown=false`): where
+  the time goes, by op class (matmul, depthwise, batchnorm, copy, other), from one more step run
+  under the profiler (`deeplab_jax.op_profile`: each instruction's recorded duration, summed by class).
+
+`--fold_batch_norm` times inference with every BatchNorm folded into its conv
+(`layers.fold_batch_norm`; the same variables, outputs equal up to float rounding).
 
 The train step is the one training runs (`train_state.make_train_step`, with its optimizer).
 Variables are random (`synthetic_variables`), not `model.init`'s. A batch divisible by the device
@@ -46,7 +52,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from deeplab_jax import models, multiply_adds, optim, sharding, train_state
+from deeplab_jax import models, multiply_adds, op_profile, optim, sharding, train_state
 from deeplab_jax.config import eval_output_stride
 from deeplab_jax.datasets.spec import IGNORE_LABEL
 from deeplab_jax.errors import ConfigError
@@ -140,19 +146,23 @@ class Prepared:
 
 
 def prepare(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int | None = None,
-            compiler_options: dict[str, Any] | None = None) -> Prepared:
+            compiler_options: dict[str, Any] | None = None,
+            fold_batch_norm: bool = False) -> Prepared:
   """Build, lower and compile `config`'s train step or inference on random data.
 
   `compiler_options`: XLA debug options for this compile only (e.g.
-  {'xla_cpu_enable_fast_math': True}).
+  {'xla_cpu_enable_fast_math': True}). `fold_batch_norm`: inference with every BatchNorm folded
+  into its conv (`layers.fold_batch_norm`).
   """
   if mode not in MODES:
     raise ConfigError(f'--mode must be one of {MODES}, got {mode!r}')
   train = mode == 'train'
+  if train and fold_batch_norm:
+    raise ConfigError('--fold_batch_norm is for --mode=infer: training needs the batch statistics.')
   batch = int(batch or (config.train.batch_size if train else config.eval.batch_size))
   crop = tuple(int(s) for s in (config.train.crop_size if train else config.eval.crop_size))
   output_stride = config.model.output_stride if train else eval_output_stride(config)
-  model = models.build_model(config.model, output_stride)
+  model = models.build_model(config.model, output_stride, fold_batch_norm=fold_batch_norm)
   dtype = models.DTYPES[config.model.dtype]
   mesh = _mesh(batch)
   data_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -206,6 +216,7 @@ def prepare(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int |
       'batch': batch,
       'dtype': str(jnp.dtype(dtype)),
       'depthwise_impl': layers.resolve_depthwise_impl(config.model.depthwise_impl),
+      'fold_batch_norm': fold_batch_norm,
       'device': f'{device.platform}:{device.device_kind}',
       'device_count': jax.device_count(),
       'devices_used': int(mesh.devices.size),
@@ -249,7 +260,8 @@ def summarise(prepared: Prepared, times: Sequence[float], matmul: dict) -> dict:
 
 
 def benchmark(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int | None = None,
-              steps: int = 10, warmup: int = 1, matmul_size: int = 2048) -> dict:
+              steps: int = 10, warmup: int = 1, matmul_size: int = 2048,
+              op_breakdown: bool = True, fold_batch_norm: bool = False) -> dict:
   """Benchmark `config`'s model in `mode` ('train' | 'infer'); returns the JSON-able results.
 
   Each timed step is followed by a timed reference matmul, so that on a shared machine both see
@@ -257,7 +269,7 @@ def benchmark(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int
   """
   if steps < 1:
     raise ConfigError(f'--steps must be >= 1, got {steps}')
-  prepared = prepare(config, mode, batch)
+  prepared = prepare(config, mode, batch, fold_batch_norm=fold_batch_norm)
   matmul, work = matmul_reference(matmul_size, prepared.dtype)
   for _ in range(warmup):
     jax.block_until_ready(prepared.call())
@@ -265,9 +277,12 @@ def benchmark(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int
   for _ in range(steps):
     times.append(_timed(prepared.call))
     matmul_times.append(_timed(matmul))
-  return summarise(prepared, times, {'size': matmul_size,
-                                     'median': work / statistics.median(matmul_times),
-                                     'max': work / min(matmul_times)})
+  result = summarise(prepared, times, {'size': matmul_size,
+                                       'median': work / statistics.median(matmul_times),
+                                       'max': work / min(matmul_times)})
+  if op_breakdown:
+    result.update(op_profile.breakdown(prepared.compiled, prepared.call))
+  return result
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -280,12 +295,17 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer('steps', 10, 'Timed steps.', flag_values=fv)
   flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.', flag_values=fv)
   flags.DEFINE_integer('matmul_size', 2048, 'Side of the reference square matmul.', flag_values=fv)
+  flags.DEFINE_bool('fold_batch_norm', False, 'Inference with BatchNorm folded into the convs.',
+                    flag_values=fv)
+  flags.DEFINE_bool('op_breakdown', True, 'Also profile one step and print the per-op-class time.',
+                    flag_values=fv)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues) -> dict:
   app.no_arguments(argv)
   f = flag_values
-  result = benchmark(f.config, f.mode, f.batch, f.steps, f.warmup, f.matmul_size)
+  result = benchmark(f.config, f.mode, f.batch, f.steps, f.warmup, f.matmul_size, f.op_breakdown,
+                     f.fold_batch_norm)
   print(json.dumps(result))
   return result
 
