@@ -1,4 +1,5 @@
-"""The benchmark command on a tiny model: both modes, the JSON fields, the matmul reference."""
+"""The benchmark command on a tiny model: both modes, the JSON fields, the matmul reference and the
+per-op-class breakdown of a profiled step."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import ml_collections
 import pytest
 
 from deeplab_jax import config as config_lib
-from deeplab_jax import multiply_adds
+from deeplab_jax import multiply_adds, op_profile
 from deeplab_jax.tools import benchmark
 
 FIELDS = ('device', 'device_count', 'compile_s', 'step_time_median_s', 'step_time_min_s',
@@ -54,6 +55,17 @@ def check_result(result: dict, mode: str, batch: int) -> None:
       result['flops_per_s'] / result['matmul_flops_per_s'])
 
 
+def check_breakdown(result: dict) -> None:
+  assert set(result['op_time_s']) == set(op_profile.CLASSES)
+  assert all(v >= 0 for v in result['op_time_s'].values())
+  assert sum(result['op_time_s'].values()) == pytest.approx(result['op_time_total_s'])
+  assert sum(result['op_fractions'].values()) == pytest.approx(1.0)
+  assert result['op_time_s']['matmul'] > 0 and result['op_time_s']['batchnorm'] > 0
+  seconds = [s for _, _, s, _ in result['top_ops']]
+  assert seconds == sorted(seconds, reverse=True) and math.isfinite(seconds[0])
+  assert all(cls in op_profile.CLASSES for _, cls, _, _ in result['top_ops'])
+
+
 def test_infer_counts_the_eval_crop():
   config = tiny_config()
   config.model.depthwise_impl = 'grouped'
@@ -62,6 +74,8 @@ def test_infer_counts_the_eval_crop():
   assert result['depthwise_impl'] == 'grouped'
   assert result['crop_size'] == [33, 33]
   assert result['multiply_adds'] == multiply_adds.count(config, crop_size=(33, 33))['multiply_adds']
+  check_breakdown(result)
+  assert result['op_time_s']['depthwise'] > 0  # The grouped convolutions.
 
 
 def test_train_step_over_all_devices():
@@ -72,6 +86,8 @@ def test_train_step_over_all_devices():
   assert result['depthwise_impl'] == 'shift'
   assert result['devices_used'] == result['device_count']  # 4 forced CPU devices divide 4.
   assert 'forward + backward' in result['flops_convention']
+  check_breakdown(result)
+  assert result['op_time_s']['depthwise'] > 0  # The shift-and-add taps, named by their layer.
 
 
 def test_bad_mode_is_rejected():

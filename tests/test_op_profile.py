@@ -1,14 +1,8 @@
-"""The benchmark's per-op-class breakdown: HLO classification and a profiled tiny train step."""
+"""The per-op-class breakdown's HLO classification (profiled tiny steps: tests/test_benchmark.py)."""
 
 from __future__ import annotations
 
-import math
-
-import pytest
-from test_benchmark import tiny_config
-
 from deeplab_jax import op_profile
-from deeplab_jax.tools import benchmark
 
 HLO = """HloModule jit_step
 
@@ -66,32 +60,3 @@ def test_classify_by_opcode_fusion_contents_and_layer_names():
   instructions, computations = op_profile.parse_hlo(HLO)
   assert instructions['loop'].opcode == 'while' and 'body' in instructions['loop'].calls
   assert computations['main'][-1] == 'out' and len(computations) == 6
-
-
-def check_breakdown(result: dict) -> None:
-  assert set(result['op_time_s']) == set(op_profile.CLASSES)
-  assert all(v >= 0 for v in result['op_time_s'].values())
-  assert sum(result['op_time_s'].values()) == pytest.approx(result['op_time_total_s'])
-  assert sum(result['op_fractions'].values()) == pytest.approx(1.0)
-  assert result['op_time_s']['matmul'] > 0 and result['op_time_s']['batchnorm'] > 0
-  seconds = [s for _, _, s, _ in result['top_ops']]
-  assert seconds == sorted(seconds, reverse=True) and math.isfinite(seconds[0])
-  assert all(cls in op_profile.CLASSES for _, cls, _, _ in result['top_ops'])
-
-
-def test_benchmark_prints_the_breakdown_of_a_train_step():
-  config = tiny_config()
-  config.model.depthwise_impl = 'shift'
-  result = benchmark.benchmark(config, 'train', steps=1, matmul_size=64)
-  check_breakdown(result)
-  assert result['op_time_s']['depthwise'] > 0  # The shift-and-add taps, named by their layer.
-
-
-def test_grouped_depthwise_convolutions_are_depthwise():
-  config = tiny_config()
-  config.model.depthwise_impl = 'grouped'
-  prepared = benchmark.prepare(config, 'infer', 1)
-  prepared.call()
-  result = op_profile.breakdown(prepared.compiled, prepared.call)
-  check_breakdown(result)
-  assert result['op_time_s']['depthwise'] > 0  # The grouped convolutions.

@@ -73,7 +73,12 @@ def parse_hlo(text: str) -> tuple[dict[str, Instruction], dict[str, list[str]]]:
 
 def classify(text: str) -> dict[str, str]:
   """{instruction name: class} for every instruction of the HLO module `text`."""
-  instructions, computations = parse_hlo(text)
+  return _classes(*parse_hlo(text))
+
+
+def _classes(instructions: dict[str, Instruction],
+             computations: dict[str, list[str]]) -> dict[str, str]:
+  """`classify` of a parsed module (`parse_hlo`)."""
 
   def contents(name: str, seen: set[str]) -> Iterable[Instruction]:
     inst = instructions[name]
@@ -127,9 +132,8 @@ def breakdown(compiled: Any, call: Callable[[], Any], top: int = 10) -> dict:
   Returns {'op_time_s': {class: s}, 'op_fractions': {class: share}, 'op_time_total_s': s,
   'top_ops': [[instruction, class, s, op_name], ...]} (the `top` slowest instructions).
   """
-  text = compiled.as_text()
-  classes = classify(text)
-  instructions, _ = parse_hlo(text)
+  instructions, computations = parse_hlo(compiled.as_text())
+  classes = _classes(instructions, computations)
   with tempfile.TemporaryDirectory() as log_dir:
     jax.profiler.start_trace(log_dir)
     try:

@@ -180,21 +180,32 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arra
   return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
 
 
+def batch_norm_scale_shift(gamma: jax.Array, beta: jax.Array, mean: jax.Array, var: jax.Array,
+                           epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """(scale, shift) with BatchNorm(x) = x * scale + shift for these statistics."""
+  scale = gamma * lax.rsqrt(var + epsilon)
+  return scale, beta - mean * scale
+
+
 def fold_batch_norm(module: nn.Module, kernel: jax.Array, train: bool,
-                    channel_axis: int = -1) -> tuple[jax.Array, jax.Array]:
+                    channel_axis: int = -1) -> tuple[jax.Array, jax.Array | None]:
   """(kernel * scale, shift): `module`'s `BatchNorm` child folded into its float32 `kernel`.
 
   conv(x, kernel * scale) + shift equals BatchNorm(conv(x, kernel)) in inference up to float
   rounding, one pass over the activation fewer. The child's variables are read from `module`'s
-  own (the tree is the unfolded model's, so checkpoints load unchanged).
+  own (the tree is the unfolded model's, so checkpoints load unchanged). Returns (kernel, None)
+  unchanged unless `module` has a folded BatchNorm (and is not initialising); `conv_output`
+  then applies the BatchNorm child.
   """
+  if not (module.use_bn and module.bn.folded) or module.is_initializing():
+    return kernel, None
   if train and not module.bn.frozen:
     raise ValueError(f'{module.name}: a folded BatchNorm uses the moving statistics; it is for '
                      'inference (train=False), not training.')
   params = module.variables['params']['BatchNorm']
   stats = module.variables['batch_stats']['BatchNorm']
-  scale = params['gamma'] * lax.rsqrt(stats['moving_variance'] + module.bn.epsilon)
-  shift = params['beta'] - stats['moving_mean'] * scale
+  scale, shift = batch_norm_scale_shift(params['gamma'], params['beta'], stats['moving_mean'],
+                                        stats['moving_variance'], module.bn.epsilon)
   shape = [1] * kernel.ndim
   shape[channel_axis] = scale.shape[0]
   return kernel * scale.reshape(shape), shift
@@ -230,12 +241,22 @@ class BatchNorm(nn.Module):
                             + (1 - decay) * var * (n / max(n - 1, 1)))
     else:
       mean, var = moving_mean.value, moving_var.value
-    scale = gamma * lax.rsqrt(var + self.config.epsilon)
-    shift = beta - mean * scale
+    scale, shift = batch_norm_scale_shift(gamma, beta, mean, var, self.config.epsilon)
     return x * scale.astype(x.dtype) + shift.astype(x.dtype)
 
 
 Activation = Callable[[jax.Array], jax.Array]
+
+
+def conv_output(module: nn.Module, y: jax.Array, train: bool,
+                shift: jax.Array | None) -> jax.Array:
+  """A conv layer's tail: the folded BatchNorm's `shift` (see `fold_batch_norm`) or the
+  `BatchNorm` child (when `module.use_bn`), then `module.activation`."""
+  if shift is not None:
+    y = y + shift.astype(y.dtype)
+  elif module.use_bn:
+    y = BatchNorm(module.bn, name='BatchNorm')(y, train)
+  return module.activation(y) if module.activation is not None else y
 
 
 class ConvBN(nn.Module):
@@ -262,9 +283,7 @@ class ConvBN(nn.Module):
     k = self.kernel_size
     rate = self.rate if k > 1 else 1
     kernel = self.param('weights', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-    folded = self.use_bn and self.bn.folded and not self.is_initializing()
-    if folded:
-      kernel, shift = fold_batch_norm(self, kernel, train)
+    kernel, shift = fold_batch_norm(self, kernel, train)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if k == 1:
       y = pointwise_conv(x, kernel, self.stride)
@@ -273,11 +292,7 @@ class ConvBN(nn.Module):
                conv_padding(x.shape, k, self.stride, rate, self.explicit_padding), rate)
     if self.use_bias:
       y = y + self.param('biases', nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
-    if folded:
-      y = y + shift.astype(y.dtype)
-    elif self.use_bn:
-      y = BatchNorm(self.bn, name='BatchNorm')(y, train)
-    return self.activation(y) if self.activation is not None else y
+    return conv_output(self, y, train, shift)
 
 
 class DepthwiseConvBN(nn.Module):
@@ -300,16 +315,10 @@ class DepthwiseConvBN(nn.Module):
     k = self.kernel_size
     kernel = self.param('depthwise_weights', self.kernel_init, (k, k, x.shape[-1], 1), jnp.float32)
     padding = conv_padding(x.shape, k, self.stride, self.rate, self.explicit_padding)
-    folded = self.use_bn and self.bn.folded and not self.is_initializing()
-    if folded:
-      kernel, shift = fold_batch_norm(self, kernel, train, channel_axis=2)
+    kernel, shift = fold_batch_norm(self, kernel, train, channel_axis=2)
     y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.rate,
                        padding, self.impl)
-    if folded:
-      y = y + shift.astype(y.dtype)
-    elif self.use_bn:
-      y = BatchNorm(self.bn, name='BatchNorm')(y, train)
-    return self.activation(y) if self.activation is not None else y
+    return conv_output(self, y, train, shift)
 
 
 def separable_conv(x: jax.Array, features: int, name: str, *, train: bool,
