@@ -77,21 +77,35 @@ def test_variable_names_are_the_official_tf_names(backbone, reference):
 @pytest.mark.parametrize('backbone', ['xception_41', 'xception_71', 'resnet_v1_50',
                                       'resnet_v1_50_beta'])
 @pytest.mark.parametrize('decoder', [True, False])
-def test_tiny_forward_same_params_every_output_stride(backbone, decoder):
-  x = jax.random.uniform(jax.random.key(1), (2, 33, 33, 3), maxval=255.0)
-  variables = models.build_model(tiny_config(backbone, decoder=decoder), 16).init(
-      jax.random.key(0), x)
+def test_tiny_model_same_params_every_output_stride(backbone, decoder):
+  """The variables of output stride 16 fit the model at 8 and 32 (shapes only: no compile)."""
+  x = jax.ShapeDtypeStruct((2, 33, 33, 3), jnp.float32)
+  variables = jax.eval_shape(models.build_model(tiny_config(backbone, decoder=decoder), 16).init,
+                             jax.random.key(0), x)
   for os_ in (8, 16, 32):
-    logits = models.build_model(tiny_config(backbone, decoder=decoder), os_).apply(variables, x)
+    model = models.build_model(tiny_config(backbone, decoder=decoder), os_)
+    assert jax.eval_shape(model.apply, variables, x).shape == (2, 33, 33, 3)
+
+
+@pytest.fixture(scope='module')
+def tiny_xception():
+  """(images, variables) of the tiny Xception-41 (the same variables at every output stride)."""
+  x = jax.random.uniform(jax.random.key(1), (2, 33, 33, 3), maxval=255.0)
+  return x, jax.jit(models.build_model(tiny_config('xception_41'), 16).init)(jax.random.key(0), x)
+
+
+def test_tiny_forward_every_output_stride(tiny_xception):
+  x, variables = tiny_xception
+  for os_ in (8, 16, 32):
+    logits = jax.jit(models.build_model(tiny_config('xception_41'), os_).apply)(variables, x)
     assert logits.shape == (2, 33, 33, 3)
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_depthwise_impls_equal_on_the_whole_model():
-  x = jax.random.uniform(jax.random.key(1), (2, 33, 33, 3), maxval=255.0)
+def test_depthwise_impls_equal_on_the_whole_model(tiny_xception):
+  x, variables = tiny_xception
   labels = jax.random.randint(jax.random.key(2), (2, 33, 33), 0, 3)
   config = tiny_config('xception_41', output_stride=8)
-  variables = models.build_model(config).init(jax.random.key(0), x)
 
   def loss(params, impl):
     model = models.build_model(config, depthwise_impl=impl)
@@ -100,8 +114,9 @@ def test_depthwise_impls_equal_on_the_whole_model():
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], -1)), logits
 
-  (l_g, out_g), g_g = jax.value_and_grad(loss, has_aux=True)(variables['params'], 'grouped')
-  (l_s, out_s), g_s = jax.value_and_grad(loss, has_aux=True)(variables['params'], 'shift')
+  value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (l_g, out_g), g_g = value_and_grad(variables['params'], 'grouped')
+  (l_s, out_s), g_s = value_and_grad(variables['params'], 'shift')
   np.testing.assert_allclose(out_g, out_s, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(l_g, l_s, atol=1e-5, rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g_g), jax.tree_util.tree_leaves(g_s), strict=True):

@@ -2,8 +2,8 @@
 non-finite loss, flat host memory, multi-process stop agreement.
 
 One tiny config (a file, as `main.py` reads it) on `deeplab_shapes/tiny`, trained through the real
-input pipeline. An uninterrupted in-process run of 200 steps is both the memory soak (live memory
-sampled every 20 steps, checkpoints every 25) and the reference: interrupted-and-resumed runs must
+input pipeline. An uninterrupted in-process run of 100 steps is both the memory soak (live memory
+sampled every 5 steps, checkpoints every 25) and the reference: interrupted-and-resumed runs must
 reproduce its per-step losses and final parameters to 1e-6. Every run compiles the same train step,
 shared through JAX's persistent compilation cache (subprocesses included), so it compiles once.
 """
@@ -31,8 +31,8 @@ from deeplab_jax.datasets import shapes
 from deeplab_jax.errors import NonFiniteLossError
 from deeplab_jax.tools import soak
 
-NUM_STEPS = 200
-# Catches a leak of >= 150 KB a step. Over these 200 steps the native allocations of XLA and tf.data
+NUM_STEPS = 100
+# Catches a leak of >= 150 KB a step. Over these 100 steps the native allocations of XLA and tf.data
 # still settle by a few MB per 100 steps; the long-run figure of the embedded config comes from
 # `python -m deeplab_jax.tools.soak --config=configs/shapes.py --steps=2500` (docs/performance.md).
 SOAK_MAX_MB_PER_100_STEPS = 15.0
