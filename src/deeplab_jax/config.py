@@ -64,6 +64,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.seed = 0
   t.top_k_percent_pixels = 1.0  # < 1: hard-pixel mining over the top-k% losses.
   t.class_weights = ml_collections.FieldReference(None, field_type=tuple)
+  # Add the devices' partial sums (BatchNorm statistics, loss, gradients) in device order: the same
+  # number of devices then trains bit-identically in any process layout (1x8 = 2x4 = 8x1). False:
+  # XLA's all-reduce, whose order (and last bits) depends on the layout.
+  t.ordered_reductions = False
 
   c.optim = o = ml_collections.ConfigDict()
   o.base_lr = 0.007

@@ -16,7 +16,9 @@ After it, `jax.devices()` lists the devices of all processes, `jax.local_devices
 
 from __future__ import annotations
 
+import itertools
 import os
+from typing import Any
 
 import jax
 from absl import flags, logging
@@ -24,6 +26,7 @@ from absl import flags, logging
 ENV_COORDINATOR_ADDRESS = 'DEEPLAB_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'DEEPLAB_NUM_PROCESSES'
 ENV_PROCESS_ID = 'DEEPLAB_PROCESS_ID'
+_BARRIER_COUNT = itertools.count()
 
 
 def _env_int(name: str) -> int | None:
@@ -91,6 +94,33 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   logging.info('jax.distributed initialised from the cluster: process %d of %d.',
                jax.process_index(), jax.process_count())
   return True
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Wait until every process of the job has reached `barrier(name)` (a barrier of JAX's
+  coordination service, no device collective); returns at once in a single process. Every process
+  must call the same barriers in the same order (a counter makes each id new)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # The client has no public accessor.
+  barrier_id = f'{name}/{next(_BARRIER_COUNT)}'
+  jax_distributed.global_state.client.wait_at_barrier(barrier_id, timeout_in_ms=timeout_s * 1000)
+
+
+def compile_together(jitted: Any, *args: Any, name: str) -> Any:
+  """`jitted` compiled for `args`; in a multi-process job every process then waits at barrier
+  `name` until all have compiled, and the compiled program is returned (a single process gets
+  `jitted` back, which compiles at its first call as usual).
+
+  The first collective of a program must not start while another process still compiles it:
+  gloo's CPU collectives give up connecting after 30 s, and two processes compiling the same
+  train step on shared cores can finish that far apart.
+  """
+  if jax.process_count() == 1:
+    return jitted
+  compiled = jitted.lower(*args).compile()
+  barrier(name)
+  return compiled
 
 
 # --------------------------------------------------------------------------------- command line

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from deeplab_jax import reductions
 from deeplab_jax.datasets.spec import IGNORE_LABEL
 from deeplab_jax.errors import ConfigError
 
@@ -39,14 +40,24 @@ def pixel_losses(logits: jax.Array, labels: jax.Array, *, ignore_label: int = IG
 
 def segmentation_loss(logits: jax.Array, labels: jax.Array, *, ignore_label: int = IGNORE_LABEL,
                       class_weights: Sequence[float] | None = None,
-                      top_k_percent_pixels: float = 1.0) -> jax.Array:
-  """Mean cross-entropy of `logits` [B, H, W, C] against int `labels` [B, H, W] (see module doc)."""
+                      top_k_percent_pixels: float = 1.0, axis_name: str | None = None) -> jax.Array:
+  """Mean cross-entropy of `logits` [B, H, W, C] against int `labels` [B, H, W] (see module doc).
+
+  With `axis_name` (inside `jax.shard_map`, this device's rows of the global batch): the global
+  batch's loss, the same on every device, with sums over the devices in a fixed order
+  (`reductions`); each device's gradient is its share of the global one.
+  """
   if not 0.0 < top_k_percent_pixels <= 1.0:
     raise ConfigError(f'config.train.top_k_percent_pixels={top_k_percent_pixels} must be in (0, 1].')
   losses, valid = pixel_losses(logits, labels, ignore_label=ignore_label,
                                class_weights=class_weights)
   if top_k_percent_pixels >= 1.0:
-    return jnp.sum(losses) / jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+    total = jnp.stack([jnp.sum(losses), jnp.sum(valid.astype(jnp.float32))])
+    if axis_name is not None:
+      total = reductions.ordered_total(total, axis_name)
+    return total[0] / jnp.maximum(total[1], 1.0)
+  if axis_name is not None:  # The top-k of the global batch: every device takes it alike.
+    losses = reductions.gather_rows(losses, axis_name)
   flat = losses.reshape(-1)
   k = max(int(top_k_percent_pixels * flat.shape[0]), 1)
   top, _ = jax.lax.top_k(flat, k)
@@ -54,9 +65,13 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, ignore_label: int
   return jnp.sum(top) / jnp.maximum(num_present, 1.0)
 
 
-def pixel_accuracy(logits: jax.Array, labels: jax.Array,
-                   ignore_label: int = IGNORE_LABEL) -> jax.Array:
-  """Fraction of non-ignored pixels whose argmax is the label (a training-batch diagnostic)."""
+def pixel_accuracy(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL,
+                   axis_name: str | None = None) -> jax.Array:
+  """Fraction of non-ignored pixels whose argmax is the label (a training-batch diagnostic); with
+  `axis_name`, of the global batch (inside `jax.shard_map`)."""
   valid = labels != ignore_label
   correct = (jnp.argmax(logits, axis=-1) == labels) & valid
-  return jnp.sum(correct) / jnp.maximum(jnp.sum(valid), 1)
+  counts = jnp.stack([jnp.sum(correct), jnp.sum(valid)]).astype(jnp.int32)
+  if axis_name is not None:
+    counts = jax.lax.psum(counts, axis_name)  # Integers: exact in any order.
+  return counts[0] / jnp.maximum(counts[1], 1)

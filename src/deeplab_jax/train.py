@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from deeplab_jax import (
     checkpoint,
+    distributed,
     evaluate,
     input_pipeline,
     metrics,
@@ -139,6 +140,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         raise ValueError(f'The train iterator yields {batch["image"].shape[0]} rows per '
                          f'process; config.train.batch_size={t.batch_size} needs {local_batch}.')
       batch = sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+      if step == start_step + 1:
+        step_fn = distributed.compile_together(step_fn, state, batch, train_rng,
+                                               name='deeplab_jax/train_step')
       state, step_metrics = step_fn(state, batch, train_rng)
     pending.append(step_metrics)
     stopping = stop.should_stop(step)

@@ -28,8 +28,9 @@ import numpy as np
 import optax
 from absl import logging
 from flax import struct, traverse_util
+from jax.sharding import PartitionSpec as P
 
-from deeplab_jax import caching, checkpoint, losses, models, optim, sharding
+from deeplab_jax import caching, checkpoint, losses, models, optim, reductions, sharding
 from deeplab_jax.errors import CheckpointError, NonFiniteLossError
 
 
@@ -73,9 +74,15 @@ def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransform
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               top_k_percent_pixels: float = 1.0,
-               class_weights: tuple[float, ...] | None = None) -> tuple[TrainState, dict]:
-  """One SGD step on a global batch; returns the new state and scalar metrics (on device)."""
+               top_k_percent_pixels: float = 1.0, class_weights: tuple[float, ...] | None = None,
+               axis_name: str | None = None) -> tuple[TrainState, dict]:
+  """One SGD step on a global batch; returns the new state and scalar metrics (on device).
+
+  `axis_name` None: `batch` is the global batch (jit over a sharded batch; XLA reduces over the
+  devices). Otherwise the step runs inside `jax.shard_map` over that mesh axis on this device's
+  rows, `model`'s BatchNorm reduces over the same axis, and every cross-device sum is added in
+  device order (`reductions`): bit-identical steps on any process layout of the same devices.
+  """
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params):
@@ -83,10 +90,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
         mutable=['batch_stats'], rngs={'dropout': dropout_rng})
     loss = losses.segmentation_loss(logits, batch['label'], class_weights=class_weights,
-                                    top_k_percent_pixels=top_k_percent_pixels)
+                                    top_k_percent_pixels=top_k_percent_pixels,
+                                    axis_name=axis_name)
     return loss, (logits, updated.get('batch_stats', state.batch_stats))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:  # This device's share of the gradient: add the shares in order.
+    grads = reductions.ordered_psum(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -107,20 +117,30 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       'train/loss': loss,
       'train/learning_rate': schedule(state.step),
       'train/grad_norm': grad_norm,
-      'train/pixel_accuracy': losses.pixel_accuracy(logits, batch['label']),
+      'train/pixel_accuracy': losses.pixel_accuracy(logits, batch['label'],
+                                                    axis_name=axis_name),
   }
   return new_state, step_metrics
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> Callable:
-  """`train_step` bound to the config, jitted once: state donated and replicated, batch sharded."""
+  """`train_step` bound to the config, jitted once: state donated and replicated, batch sharded.
+
+  `config.train.ordered_reductions` runs it under `jax.shard_map` with fixed-order cross-device
+  sums (see `train_step`); otherwise XLA partitions the global step itself.
+  """
   weights = config.train.class_weights
+  axis_name = sharding.DATA_AXIS if config.train.ordered_reductions else None
   step = functools.partial(
-      train_step, model=model, tx=tx,
+      train_step, model=model.clone(axis_name=axis_name), tx=tx,
       schedule=optim.learning_rate_schedule(config.optim, config.train.num_steps),
       top_k_percent_pixels=float(config.train.top_k_percent_pixels),
-      class_weights=tuple(float(w) for w in weights) if weights is not None else None)
+      class_weights=tuple(float(w) for w in weights) if weights is not None else None,
+      axis_name=axis_name)
+  if axis_name is not None:
+    step = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(axis_name), P()),
+                         out_specs=(P(), P()), check_vma=False)
   replicated = sharding.replicated(mesh)
   return jax.jit(step, donate_argnums=(0,),
                  in_shardings=(replicated, sharding.batch_sharding(mesh), replicated),

@@ -35,17 +35,19 @@ def build_backbone(backbone: str, output_stride: int = 16,
                    multi_grid: tuple[int, int, int] | None = None, width_multiplier: float = 1.0,
                    depthwise_impl: layers.DepthwiseImpl = 'auto', freeze_bn: bool = False,
                    dtype: Any = jnp.float32, remat: bool = False, bn_decay: float | None = None,
-                   name: str | None = None, fold_bn: bool = False) -> nn.Module:
+                   name: str | None = None, fold_bn: bool = False,
+                   bn_axis_name: str | None = None) -> nn.Module:
   """The backbone module: `apply` returns `scopes.Features`.
 
   `multi_grid` None takes the backbone's default (Xception (1, 1, 1), ResNet (1, 2, 4); MobileNetV2
   has none); `width_multiplier` is MobileNetV2's depth multiplier (with its official rounding) and
   scales the other backbones' widths; `bn_decay` overrides the backbone's official BatchNorm decay
-  (0.9997 Xception, 0.95 ResNet, 0.997 MobileNetV2).
+  (0.9997 Xception, 0.95 ResNet, 0.997 MobileNetV2); `fold_bn` and `bn_axis_name` are
+  `layers.BatchNormConfig`'s `folded` and `axis_name`.
   """
   bn = backbone_batch_norm(backbone)
   bn = layers.BatchNormConfig(bn.decay if bn_decay is None else bn_decay, bn.epsilon,
-                              frozen=freeze_bn, folded=fold_bn)
+                              frozen=freeze_bn, folded=fold_bn, axis_name=bn_axis_name)
   common = dict(architecture=backbone, output_stride=output_stride,
                 width_multiplier=width_multiplier, bn=bn, dtype=dtype, remat=remat, name=name)
   if backbone == 'mobilenet_v2':

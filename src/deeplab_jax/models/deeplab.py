@@ -52,17 +52,23 @@ class DeepLab(nn.Module):
   bn_decay: float | None
   # Inference: every BatchNorm folded into its conv (`layers.fold_batch_norm`), same variables.
   fold_batch_norm: bool = False
+  # Training inside `jax.shard_map` over this mesh axis, on this device's rows of the batch:
+  # BatchNorm statistics over the axis (`layers.BatchNormConfig.axis_name`), dropout masks drawn
+  # per global row.
+  axis_name: str | None = None
 
   def _backbone(self) -> nn.Module:
     return build_backbone(self.backbone, self.output_stride, self.multi_grid,
                           self.width_multiplier, self.depthwise_impl, self.freeze_backbone_bn,
                           self.dtype, self.remat, self.bn_decay, name=backbone_scope(self.backbone),
-                          fold_bn=self.fold_batch_norm)
+                          fold_bn=self.fold_batch_norm,
+                          bn_axis_name=self.axis_name)
 
   @property
   def _head_bn(self) -> layers.BatchNormConfig:
     decay = HEAD_BATCH_NORM.decay if self.bn_decay is None else self.bn_decay
-    return layers.BatchNormConfig(decay, HEAD_BATCH_NORM.epsilon, folded=self.fold_batch_norm)
+    return layers.BatchNormConfig(decay, HEAD_BATCH_NORM.epsilon, folded=self.fold_batch_norm,
+                                  axis_name=self.axis_name)
 
   def _conv(self, features: int, kernel_size: int, name: str, **kwargs) -> nn.Module:
     return layers.ConvBN(features, kernel_size, bn=self._head_bn, dtype=self.dtype, name=name,
@@ -75,6 +81,17 @@ class DeepLab(nn.Module):
       return layers.separable_conv(x, features, name, train=train, rate=rate, bn=self._head_bn,
                                    impl=self.depthwise_impl, dtype=self.dtype)
     return self._conv(features, 3, name, rate=rate)(x, train)
+
+  def _dropout(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.axis_name is None or not train or self.dropout_rate == 0.0:
+      return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    # Each row's mask from its index in the global batch: the same masks on any number of devices.
+    keep = 1.0 - self.dropout_rate
+    key = self.make_rng('dropout')
+    rows = jax.lax.axis_index(self.axis_name) * x.shape[0] + jnp.arange(x.shape[0])
+    mask = jax.vmap(lambda row: jax.random.bernoulli(jax.random.fold_in(key, row), keep,
+                                                     x.shape[1:]))(rows)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -96,7 +113,7 @@ class DeepLab(nn.Module):
                                     train))
     x = jnp.concatenate(branches, axis=-1)
     x = self._conv(self.aspp_channels, 1, 'concat_projection')(x, train)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = self._dropout(x, train)
 
     if self.decoder:
       x = Decoder(self.low_level_channels, self.decoder_channels, self.decoder_separable,

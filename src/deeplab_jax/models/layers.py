@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export, lax
 
+from deeplab_jax import reductions
+
 DepthwiseImpl = Literal['auto', 'grouped', 'shift']
 Padding = tuple[tuple[int, int], tuple[int, int]]
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -36,6 +38,10 @@ class BatchNormConfig:
   # Inference only: apply the BatchNorm as a per-channel scale of the preceding conv's kernel and a
   # bias (`fold_batch_norm`); the variables are the unfolded ones, read at apply time.
   folded: bool = False
+  # Training inside `jax.shard_map` over this mesh axis: the statistics are the global batch's,
+  # summed over the devices in a fixed order (`reductions.ordered_psum`). None: jit over a sharded
+  # batch, where XLA reduces over the global batch itself.
+  axis_name: str | None = None
 
 
 def effective_kernel(kernel_size: int, rate: int) -> int:
@@ -231,10 +237,16 @@ class BatchNorm(nn.Module):
     if train and not self.config.frozen:
       axes = tuple(range(x.ndim - 1))
       xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axes)
-      var = jnp.mean(jnp.square(xf - mean), axes)
-      if not self.is_initializing():
+      axis_name = self.config.axis_name
+      if axis_name is None:
         n = x.size // channels
+        mean = jnp.mean(xf, axes)
+        var = jnp.mean(jnp.square(xf - mean), axes)
+      else:
+        n = x.size // channels * jax.lax.axis_size(axis_name)
+        mean = reductions.ordered_psum(jnp.sum(xf, axes), axis_name) / n
+        var = reductions.ordered_psum(jnp.sum(jnp.square(xf - mean), axes), axis_name) / n
+      if not self.is_initializing():
         decay = self.config.decay
         moving_mean.value = decay * moving_mean.value + (1 - decay) * mean
         moving_var.value = (decay * moving_var.value
