@@ -19,6 +19,7 @@ shares is the global gradient (see `train_state.train_step`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,47 +43,30 @@ def _ordered_sum(tree: Any, axis_name: str) -> Any:
 _custom_vjp = functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 
 
-@_custom_vjp
-def _psum_local(tree: Any, axis_name: str) -> Any:
-  return _ordered_sum(tree, axis_name)
+def _ordered_sum_op(backward: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+  """`_ordered_sum` whose backward pass maps the cotangent with `backward(cotangent, axis_name)`."""
+
+  @_custom_vjp
+  def op(tree: Any, axis_name: str) -> Any:
+    return _ordered_sum(tree, axis_name)
+
+  op.defvjp(lambda tree, axis_name: (_ordered_sum(tree, axis_name), None),
+            lambda axis_name, _, cotangent: (backward(cotangent, axis_name),))
+  return op
 
 
-def _psum_local_fwd(tree: Any, axis_name: str) -> tuple[Any, None]:
-  return _ordered_sum(tree, axis_name), None
-
-
-def _psum_local_bwd(axis_name: str, _: None, cotangent: Any) -> tuple[Any]:
-  # Every device used the sum in its own local computation: the global derivative with respect
-  # to each term is the sum of all devices' cotangents.
-  return (_ordered_sum(cotangent, axis_name),)
-
-
-_psum_local.defvjp(_psum_local_fwd, _psum_local_bwd)
+# Every device used the sum in its own local computation: the global derivative with respect to
+# each term is the sum of all devices' cotangents.
+_psum_local = _ordered_sum_op(_ordered_sum)
+# Every device computes the same global loss from the total: its cotangent already is the global
+# derivative, the same for each device's term.
+_total = _ordered_sum_op(lambda cotangent, axis_name: cotangent)
 
 
 def ordered_psum(tree: Any, axis_name: str) -> Any:
   """The sum over the devices of `axis_name` of each leaf of `tree`, added in device order, for use
   in every device's local computation (BatchNorm statistics) and as the sum of gradient shares."""
   return _psum_local(tree, axis_name)
-
-
-@_custom_vjp
-def _total(tree: Any, axis_name: str) -> Any:
-  return _ordered_sum(tree, axis_name)
-
-
-def _total_fwd(tree: Any, axis_name: str) -> tuple[Any, None]:
-  return _ordered_sum(tree, axis_name), None
-
-
-def _total_bwd(axis_name: str, _: None, cotangent: Any) -> tuple[Any]:
-  # Every device computes the same global loss from the total: its cotangent already is the
-  # global derivative, which is the same for each device's term.
-  del axis_name
-  return (cotangent,)
-
-
-_total.defvjp(_total_fwd, _total_bwd)
 
 
 def ordered_total(tree: Any, axis_name: str) -> Any:
