@@ -1,10 +1,14 @@
-"""Layers against independent references: TensorFlow's own ops (the official code's semantics)."""
+"""Layers against independent references: TensorFlow's own ops (the official code's semantics),
+and autodiff of the plain formulation for the written-out backward passes."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+from jax import lax
 
 from deeplab_jax.models import layers
 
@@ -112,6 +116,58 @@ def test_batch_norm_train_and_inference():
   expected = ((x - stats['moving_mean']) / np.sqrt(stats['moving_variance'] + 1e-3) * gamma
               + params['beta'])
   np.testing.assert_allclose(y_inf, expected, atol=1e-4)
+
+
+def _plain_batch_norm(x, gamma, beta, epsilon):
+  """Train-mode BatchNorm as plain jnp, float32 statistics and the scale and shift applied in x's
+  dtype as the layer does (autodiff derives its gradient): the reference."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, (0, 1, 2))
+  var = jnp.mean(jnp.square(xf - mean), (0, 1, 2))
+  scale = gamma * lax.rsqrt(var + epsilon)
+  return x * scale.astype(x.dtype) + (beta - mean * scale).astype(x.dtype), mean, var
+
+
+@pytest.mark.parametrize('shape,offset', [((2, 9, 7, 5), 0.0), ((3, 4, 4, 16), 6.0),
+                                          ((1, 1, 1, 8), 0.0), ((4, 17, 17, 3), -3.0)])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_batch_norm_train_gradients_match_autodiff(shape, offset, dtype):
+  """`batch_norm_train`'s written-out backward pass against autodiff of the plain formula, with
+  cotangents on all three outputs (the statistics' own terms included) and channel means away
+  from zero (the one-pass sum of g * (x - mean) must not lose precision)."""
+  rng = np.random.default_rng(7)
+  channels = shape[-1]
+  x = (rng.normal(size=shape) * rng.uniform(0.5, 2.0, channels)
+       + offset * rng.uniform(0.5, 1.5, channels)).astype(np.float32)
+  gamma = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+  beta = rng.normal(size=channels).astype(np.float32)
+  w_y = rng.normal(size=shape).astype(np.float32)
+  w_mean, w_var = rng.normal(size=channels), rng.normal(size=channels)
+  x = jnp.asarray(x, dtype)
+
+  def loss(fn, x, gamma, beta):
+    y, mean, var = fn(x, gamma, beta, 1e-3)
+    return (jnp.sum(y.astype(jnp.float32) * w_y) + jnp.sum(mean * w_mean)
+            + jnp.sum(var * w_var))
+
+  got_out = layers.batch_norm_train(x, gamma, beta, 1e-3)
+  got = jax.jit(jax.grad(functools.partial(loss, layers.batch_norm_train), (0, 1, 2)))(
+      x, gamma, beta)
+  want_out = _plain_batch_norm(x, gamma, beta, 1e-3)
+  # Gradients against autodiff of the plain formula in float32 from the same rounded input and
+  # cotangent: in bfloat16, autodiff's own arithmetic would be the larger error.
+  w_y = jnp.asarray(w_y, dtype).astype(jnp.float32)
+  want = jax.grad(functools.partial(loss, _plain_batch_norm), (0, 1, 2))(
+      x.astype(jnp.float32), gamma, beta)
+  tol = 1e-5 if dtype == 'float32' else 1e-2
+  for name, a, b in zip(('y', 'mean', 'var'), got_out, want_out, strict=True):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol,
+                               atol=tol, err_msg=name)
+  for name, a, b in zip(('d_x', 'd_gamma', 'd_beta'), got, want, strict=True):
+    b = np.asarray(b, np.float32)
+    scale = max(np.abs(b).max(), 1.0)  # A single row: d_x is exactly 0, up to rounding of O(1) terms.
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol, atol=tol * scale,
+                               err_msg=name)
 
 
 def test_atrous_plan_follows_stack_blocks_dense():
