@@ -64,6 +64,35 @@ def test_depthwise_gradients_match_tensorflow(kernel, stride, rate, size, explic
       np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=f'{impl} {name}')
 
 
+@pytest.mark.parametrize('stride,size', [(1, 9), (2, 9), (2, 10)])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_pointwise_conv_and_gradients_match_tensorflow(stride, size, dtype):
+  """The 1x1 conv as a matmul over (rows, channels) against `tf.nn.conv2d` and TF's autodiff of it,
+  from the same (rounded) input: output, input gradient and kernel gradient."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, size, size + 2, 6)).astype(np.float32)
+  w = rng.normal(size=(1, 1, 6, 5)).astype(np.float32)
+  x_jax, w_jax = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+  x, w = np.asarray(x_jax.astype(jnp.float32)), np.asarray(w_jax.astype(jnp.float32))
+  x_tf, w_tf = tf.constant(x), tf.constant(w)
+  with tf.GradientTape() as tape:
+    tape.watch([x_tf, w_tf])
+    out = tf.nn.conv2d(x_tf, w_tf, [1, stride, stride, 1], 'VALID')
+    loss = tf.reduce_sum(tf.sin(out))
+  ref = [out.numpy()] + [t.numpy() for t in tape.gradient(loss, [x_tf, w_tf])]
+
+  def jax_loss(x, w):
+    y = layers.pointwise_conv(x, w, stride)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+  (_, y), grads = jax.jit(jax.value_and_grad(jax_loss, (0, 1), has_aux=True))(x_jax, w_jax)
+  tol = 2e-5 if dtype == 'float32' else 1e-2
+  for name, a, b in zip(('output', 'd_input', 'd_kernel'), (y, *grads), ref, strict=True):
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
+                               atol=tol * max(np.abs(b).max(), 1.0), err_msg=name)
+
+
 @pytest.mark.parametrize('kernel,stride,rate,size', [(3, 2, 1, 10), (7, 2, 1, 11), (3, 1, 2, 9),
                                                      (1, 2, 1, 10)])
 def test_conv_padding_matches_tf_conv2d_same(kernel, stride, rate, size):

@@ -180,10 +180,15 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arra
   """1x1 conv of NHWC `x` with a (1, 1, C, D) kernel as a matmul over channels (a strided 1x1 conv
   reads every `stride`-th pixel under both SAME and fixed padding). The same numbers as
   `lax.conv_general_dilated`; XLA:CPU runs the matmul faster, forward and backward
-  (docs/performance.md), and GPU/TPU compilers turn 1x1 convs into this matmul anyway."""
+  (docs/performance.md), and GPU/TPU compilers turn 1x1 convs into this matmul anyway.
+
+  The matmul is over `x` viewed as (rows, channels): the kernel gradient of a 4-D dot_general
+  made XLA:CPU write the cotangent transposed, in a copy slower than the matmul itself; on 2-D
+  operands it reads the cotangent in place."""
   if stride > 1:
     x = x[:, ::stride, ::stride]
-  return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+  y = lax.dot_general(x.reshape(-1, x.shape[-1]), kernel[0, 0], (((1,), (0,)), ((), ())))
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def batch_norm_scale_shift(gamma: jax.Array, beta: jax.Array, mean: jax.Array, var: jax.Array,
