@@ -3,6 +3,7 @@ and autodiff of the plain formulation for the written-out backward passes."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,3 +251,84 @@ def test_convs_with_symbolic_sizes_match_tensorflow():
             tf.nn.depthwise_conv2d(x, w_dw, [1, 2, 2, 1], 'SAME'), tf.nn.conv2d(x, w, 2, 'SAME')]
     for out, ref in zip(program.call(x), refs, strict=True):
       np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=1e-5)
+
+
+class _SeparableUnit(nn.Module):
+  """One `separable_conv` as a module, in either of its forms: ReLU before it (Xception's
+  backbone) or ReLU after each BatchNorm (Xception's last block, ASPP, decoder)."""
+
+  stride: int
+  rate: int
+  pre_relu: bool
+  fused: bool | None
+  dtype: str = 'float32'
+  bn: layers.BatchNormConfig = layers.BatchNormConfig(decay=0.9, epsilon=1e-3)
+
+  @nn.compact
+  def __call__(self, x, train):
+    return layers.separable_conv(
+        x, 12, 'unit', train=train, stride=self.stride, rate=self.rate,
+        activation=None if self.pre_relu else nn.relu,
+        pre_activation=nn.relu if self.pre_relu else None, bn=self.bn, impl='shift',
+        dtype=jnp.dtype(self.dtype), fused=self.fused)
+
+
+@pytest.mark.parametrize('stride,rate', [(1, 1), (2, 1), (1, 2), (1, 3), (1, 4), (2, 2)])
+@pytest.mark.parametrize('pre_relu', [True, False])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_fused_separable_unit_matches_composed_layers(stride, rate, pre_relu, dtype):
+  """The fused training unit against the composed layers: output, moving statistics and the
+  gradients of the input and all six parameters, with an input whose channel means are away from
+  zero (the ReLU masks and the BatchNorm sums both matter)."""
+  rng = np.random.default_rng(stride * 10 + rate)
+  x = jnp.asarray(rng.normal(size=(2, 11, 10, 8)) + 0.3, dtype)
+  fused = _SeparableUnit(stride, rate, pre_relu, True, dtype)
+  composed = _SeparableUnit(stride, rate, pre_relu, False, dtype)
+  variables = composed.init(jax.random.key(0), x, train=False)
+  params = jax.tree.map(lambda p: p * rng.uniform(0.7, 1.3, p.shape).astype(np.float32) + 0.05,
+                        variables['params'])
+  stats = variables['batch_stats']
+  out_shape = fused.apply({'params': params, 'batch_stats': stats}, x, True,
+                          mutable=['batch_stats'])[0].shape
+  w = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+
+  def loss(module, params, x):
+    y, updates = module.apply({'params': params, 'batch_stats': stats}, x, True,
+                              mutable=['batch_stats'])
+    return jnp.sum(y.astype(jnp.float32) * w), (y, updates['batch_stats'])
+
+  def run(module):
+    return jax.jit(jax.value_and_grad(functools.partial(loss, module), (0, 1), has_aux=True))(
+        params, x)
+
+  (_, (y_f, stats_f)), grads_f = run(fused)
+  (_, (y_c, stats_c)), grads_c = run(composed)
+  tol = 1e-5 if dtype == 'float32' else 2e-2
+  leaves = [('y', y_f, y_c)]
+  leaves += [(jax.tree_util.keystr(k), a, b) for (k, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(stats_f), jax.tree.leaves(stats_c), strict=True)]
+  leaves += [(jax.tree_util.keystr(k), a, b) for (k, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(grads_f), jax.tree.leaves(grads_c), strict=True)]
+  assert len(leaves) == 1 + 4 + 7
+  for name, a, b in leaves:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert a.shape == b.shape, name
+    scale = max(np.abs(b).max(), 1e-3)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=name)
+
+
+def test_separable_conv_picks_the_fused_unit_only_where_it_applies():
+  x = jnp.ones((1, 5, 5, 4))
+  unit = _SeparableUnit(1, 1, True, None)
+  variables = unit.init(jax.random.key(0), x, train=False)
+
+  def fused_calls(module, train):
+    jaxpr = jax.make_jaxpr(lambda v: module.apply(v, x, train, mutable=['batch_stats']))(variables)
+    return str(jaxpr).count('separable_unit_train')
+
+  assert fused_calls(unit, True) == 1
+  assert fused_calls(unit, False) == 0
+  frozen = layers.BatchNormConfig(frozen=True)
+  assert fused_calls(unit.clone(bn=frozen), True) == 0
+  with pytest.raises(ValueError, match='fused separable unit is for training'):
+    unit.clone(bn=frozen, fused=True).apply(variables, x, True)

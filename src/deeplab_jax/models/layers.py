@@ -4,7 +4,8 @@ Convolutions are `lax.conv_general_dilated` with `rhs_dilation` (atrous rate) an
 convolutions, `feature_group_count`; 1x1 convolutions are the equivalent matmul over channels.
 Depthwise convolutions also have a shift-and-add formulation that XLA:CPU runs an order of magnitude
 faster (identical results and gradients); `impl='auto'` picks it on CPU and the grouped convolution
-elsewhere.
+elsewhere. In training, `separable_conv` runs the whole separable unit as one op with a
+written-out backward pass (`separable_unit_train`), the same numbers in less memory.
 """
 
 from __future__ import annotations
@@ -281,12 +282,18 @@ class BatchNorm(nn.Module):
   config: BatchNormConfig = BatchNormConfig()
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    channels = x.shape[-1]
+  def declare(self, channels: int) -> tuple[jax.Array, jax.Array, nn.Variable, nn.Variable]:
+    """(gamma, beta, moving mean, moving variance): the variables, for a caller that computes the
+    BatchNorm itself (`separable_conv`'s fused unit)."""
     gamma = self.param('gamma', nn.initializers.ones, (channels,), jnp.float32)
     beta = self.param('beta', nn.initializers.zeros, (channels,), jnp.float32)
     moving_mean = self.variable('batch_stats', 'moving_mean', jnp.zeros, (channels,), jnp.float32)
     moving_var = self.variable('batch_stats', 'moving_variance', jnp.ones, (channels,), jnp.float32)
+    return gamma, beta, moving_mean, moving_var
+
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    channels = x.shape[-1]
+    gamma, beta, moving_mean, moving_var = self.declare(channels)
     if not train or self.config.frozen:
       scale, shift = batch_norm_scale_shift(gamma, beta, moving_mean.value, moving_var.value,
                                             self.config.epsilon)
@@ -303,24 +310,31 @@ class BatchNorm(nn.Module):
       var = reductions.ordered_psum(jnp.sum(jnp.square(xf - mean), axes), axis_name) / n
       scale, shift = batch_norm_scale_shift(gamma, beta, mean, var, self.config.epsilon)
       y = x * scale.astype(x.dtype) + shift.astype(x.dtype)
-    if not self.is_initializing():
-      decay = self.config.decay
-      moving_mean.value = decay * moving_mean.value + (1 - decay) * mean
-      moving_var.value = decay * moving_var.value + (1 - decay) * var * (n / max(n - 1, 1))
+    self.update(moving_mean, moving_var, mean, var, n)
     return y
+
+  def update(self, moving_mean: nn.Variable, moving_var: nn.Variable, mean: jax.Array,
+             var: jax.Array, n: int) -> None:
+    """Moves the moving statistics towards a batch's `mean` and `var` (over `n` values), except
+    while initialising."""
+    if self.is_initializing():
+      return
+    decay = self.config.decay
+    moving_mean.value = decay * moving_mean.value + (1 - decay) * mean
+    moving_var.value = decay * moving_var.value + (1 - decay) * var * (n / max(n - 1, 1))
 
 
 Activation = Callable[[jax.Array], jax.Array]
 
 
-def conv_output(module: nn.Module, y: jax.Array, train: bool,
+def conv_output(module: nn.Module, y: jax.Array, train: bool, bn: BatchNorm | None,
                 shift: jax.Array | None) -> jax.Array:
   """A conv layer's tail: the folded BatchNorm's `shift` (see `fold_batch_norm`) or the
-  `BatchNorm` child (when `module.use_bn`), then `module.activation`."""
+  BatchNorm child `bn`, then `module.activation`."""
   if shift is not None:
     y = y + shift.astype(y.dtype)
-  elif module.use_bn:
-    y = BatchNorm(module.bn, name='BatchNorm')(y, train)
+  elif bn is not None:
+    y = bn(y, train)
   return module.activation(y) if module.activation is not None else y
 
 
@@ -344,10 +358,19 @@ class ConvBN(nn.Module):
   kernel_init: Any = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
 
   @nn.compact
+  def declare(self, in_channels: int) -> tuple[jax.Array, jax.Array | None, BatchNorm | None]:
+    """(kernel, biases or None, BatchNorm child or None), float32 as stored."""
+    k = self.kernel_size
+    kernel = self.param('weights', self.kernel_init, (k, k, in_channels, self.features),
+                        jnp.float32)
+    bias = (self.param('biases', nn.initializers.zeros, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    return kernel, bias, BatchNorm(self.bn, name='BatchNorm') if self.use_bn else None
+
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     k = self.kernel_size
     rate = self.rate if k > 1 else 1
-    kernel = self.param('weights', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    kernel, bias, bn = self.declare(x.shape[-1])
     kernel, shift = fold_batch_norm(self, kernel, train)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if k == 1:
@@ -355,9 +378,9 @@ class ConvBN(nn.Module):
     else:
       y = conv(x, kernel, self.stride,
                conv_padding(x.shape, k, self.stride, rate, self.explicit_padding), rate)
-    if self.use_bias:
-      y = y + self.param('biases', nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
-    return conv_output(self, y, train, shift)
+    if bias is not None:
+      y = y + bias.astype(y.dtype)
+    return conv_output(self, y, train, bn, shift)
 
 
 class DepthwiseConvBN(nn.Module):
@@ -376,26 +399,150 @@ class DepthwiseConvBN(nn.Module):
   kernel_init: Any = nn.initializers.truncated_normal(0.33)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def declare(self, channels: int) -> tuple[jax.Array, BatchNorm | None]:
+    """(kernel, BatchNorm child or None), float32 as stored."""
     k = self.kernel_size
-    kernel = self.param('depthwise_weights', self.kernel_init, (k, k, x.shape[-1], 1), jnp.float32)
-    padding = conv_padding(x.shape, k, self.stride, self.rate, self.explicit_padding)
+    kernel = self.param('depthwise_weights', self.kernel_init, (k, k, channels, 1), jnp.float32)
+    return kernel, BatchNorm(self.bn, name='BatchNorm') if self.use_bn else None
+
+  def padding(self, shape: Sequence[int]) -> Padding:
+    return conv_padding(shape, self.kernel_size, self.stride, self.rate, self.explicit_padding)
+
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    kernel, bn = self.declare(x.shape[-1])
     kernel, shift = fold_batch_norm(self, kernel, train, channel_axis=2)
     y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.rate,
-                       padding, self.impl)
-    return conv_output(self, y, train, shift)
+                       self.padding(x.shape), self.impl)
+    return conv_output(self, y, train, bn, shift)
+
+
+def _relu_if(x: jax.Array, on: bool) -> jax.Array:
+  return jnp.maximum(x, 0) if on else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(7, 15)))
+def separable_unit_train(x: jax.Array, depthwise_kernel: jax.Array, gamma1: jax.Array,
+                         beta1: jax.Array, pointwise_kernel: jax.Array, gamma2: jax.Array,
+                         beta2: jax.Array, stride: int, rate: int, padding: Padding,
+                         impl: DepthwiseImpl, pre_relu: bool, mid_relu: bool, out_relu: bool,
+                         epsilon: float) -> tuple[jax.Array, ...]:
+  """[ReLU] -> depthwise conv -> BatchNorm -> [ReLU] -> 1x1 conv -> BatchNorm -> [ReLU] in
+  training: (output, mean1, var1, mean2, var2), the two BatchNorms' batch statistics.
+
+  The same numbers as composing `depthwise_conv`, `batch_norm_train` and `pointwise_conv`, with the
+  backward pass written out for the whole unit: it keeps only the unit's input, the two conv
+  outputs and the statistics, and recomputes the pointwise conv's input (a scale, a shift and a
+  ReLU of the depthwise output) where autodiff would store it (docs/performance.md).
+  """
+  return _separable_unit_fwd(x, depthwise_kernel, gamma1, beta1, pointwise_kernel, gamma2, beta2,
+                             stride, rate, padding, impl, pre_relu, mid_relu, out_relu, epsilon)[0]
+
+
+# Name scopes of the fused unit's parts, named like the layers they replace, so that a profile
+# (`op_profile`) counts them as the composed layers' are counted.
+_DEPTHWISE, _POINTWISE = 'fused_depthwise', 'fused_pointwise'
+_DEPTHWISE_BN, _POINTWISE_BN = f'{_DEPTHWISE}/BatchNorm', f'{_POINTWISE}/BatchNorm'
+
+
+def _separable_unit_fwd(x, depthwise_kernel, gamma1, beta1, pointwise_kernel, gamma2, beta2,
+                        stride, rate, padding, impl, pre_relu, mid_relu, out_relu, epsilon):
+  r = _relu_if(x, pre_relu)
+  with jax.named_scope(_DEPTHWISE):
+    d = depthwise_conv(r, depthwise_kernel, stride, rate, padding, impl)
+  with jax.named_scope(_DEPTHWISE_BN):
+    (y1, mean1, var1), _ = _batch_norm_train_fwd(d, gamma1, beta1, epsilon)
+  with jax.named_scope(_POINTWISE):
+    p = pointwise_conv(_relu_if(y1, mid_relu), pointwise_kernel)
+  with jax.named_scope(_POINTWISE_BN):
+    (y2, mean2, var2), _ = _batch_norm_train_fwd(p, gamma2, beta2, epsilon)
+  residuals = (x, depthwise_kernel, d, gamma1, beta1, mean1, var1, pointwise_kernel, p, gamma2,
+               beta2, mean2, var2)
+  return (_relu_if(y2, out_relu), mean1, var1, mean2, var2), residuals
+
+
+def _separable_unit_bwd(stride, rate, padding, impl, pre_relu, mid_relu, out_relu, epsilon,
+                        residuals, cotangents):
+  (x, depthwise_kernel, d, gamma1, beta1, mean1, var1, pointwise_kernel, p, gamma2, beta2, mean2,
+   var2) = residuals
+  g_y, g_mean1, g_var1, g_mean2, g_var2 = cotangents
+
+  def normalized(z, gamma, beta, mean, var, tie=0.0):
+    scale, shift = batch_norm_scale_shift(gamma, beta, mean, var, epsilon)
+    return z * (scale + tie).astype(z.dtype) + shift.astype(z.dtype)
+
+  with jax.named_scope(_POINTWISE_BN):
+    if out_relu:
+      g_y = jnp.where(normalized(p, gamma2, beta2, mean2, var2) > 0, g_y, 0)
+    g_p, g_gamma2, g_beta2 = _batch_norm_train_bwd(epsilon, (p, gamma2, mean2, var2),
+                                                   (g_y, g_mean2, g_var2))
+  with jax.named_scope(_DEPTHWISE_BN):
+    # The recomputed pointwise input must depend on a backward value (the zero `tie`): otherwise
+    # XLA:CPU computes it in the forward pass and keeps it alive until here, as autodiff would.
+    y1 = normalized(d, gamma1, beta1, mean1, var1, tie=0.0 * g_beta2[0])
+    a1 = _relu_if(y1, mid_relu)
+  with jax.named_scope(_POINTWISE):
+    rows, channels = a1.size // a1.shape[-1], a1.shape[-1]
+    g_p2 = g_p.reshape(rows, -1)
+    g_pointwise = lax.dot_general(a1.reshape(rows, channels), g_p2, (((0,), (0,)), ((), ())))
+    g_a1 = lax.dot_general(g_p2, pointwise_kernel[0, 0], (((1,), (1,)), ((), ())))
+    g_a1 = g_a1.reshape(a1.shape)
+  with jax.named_scope(_DEPTHWISE_BN):
+    if mid_relu:
+      g_a1 = jnp.where(y1 > 0, g_a1, 0)
+    g_d, g_gamma1, g_beta1 = _batch_norm_train_bwd(epsilon, (d, gamma1, mean1, var1),
+                                                   (g_a1, g_mean1, g_var1))
+  with jax.named_scope(_DEPTHWISE):
+    _, depthwise_vjp = jax.vjp(lambda r, k: depthwise_conv(r, k, stride, rate, padding, impl),
+                               _relu_if(x, pre_relu), depthwise_kernel)
+    g_r, g_depthwise = depthwise_vjp(g_d)
+  g_x = jnp.where(x > 0, g_r, 0) if pre_relu else g_r
+  return (g_x, g_depthwise, g_gamma1, g_beta1,
+          g_pointwise[None, None].astype(pointwise_kernel.dtype), g_gamma2, g_beta2)
+
+
+separable_unit_train.defvjp(_separable_unit_fwd, _separable_unit_bwd)
 
 
 def separable_conv(x: jax.Array, features: int, name: str, *, train: bool,
                    stride: int = 1, rate: int = 1, activation: Activation | None = nn.relu,
-                   bn: BatchNormConfig, impl: DepthwiseImpl, dtype: Any) -> jax.Array:
-  """Atrous separable conv as the official `split_separable_conv2d`: `{name}_depthwise` then
-  `{name}_pointwise` 1x1, each with BatchNorm and `activation`, both children of the calling
-  compact module."""
-  x = DepthwiseConvBN(stride=stride, rate=rate, activation=activation, bn=bn, impl=impl,
-                      dtype=dtype, name=f'{name}_depthwise')(x, train)
-  return ConvBN(features, 1, activation=activation, bn=bn, dtype=dtype,
-                name=f'{name}_pointwise')(x, train)
+                   pre_activation: Activation | None = None, bn: BatchNormConfig,
+                   impl: DepthwiseImpl, dtype: Any, fused: bool | None = None) -> jax.Array:
+  """Atrous separable conv as the official `split_separable_conv2d`: [`pre_activation`], then
+  `{name}_depthwise` and `{name}_pointwise` 1x1, each with BatchNorm and `activation`, both
+  children of the calling compact module.
+
+  In training with batch statistics (no `axis_name`, ReLU or no activations) the unit runs as the
+  one op `separable_unit_train`, less memory for the same numbers; `fused=False` forces the
+  composed layers, `fused=True` requires the fused op.
+  """
+  depthwise = DepthwiseConvBN(stride=stride, rate=rate, activation=activation, bn=bn, impl=impl,
+                              dtype=dtype, name=f'{name}_depthwise')
+  pointwise = ConvBN(features, 1, activation=activation, bn=bn, dtype=dtype,
+                     name=f'{name}_pointwise')
+  fusable = (train and not bn.frozen and not bn.folded and bn.axis_name is None
+             and activation in (nn.relu, None) and pre_activation in (nn.relu, None))
+  if fused and not fusable:
+    raise ValueError(f'{name}: the fused separable unit is for training with batch statistics '
+                     '(no axis_name, not frozen or folded) and ReLU or no activations; use '
+                     'fused=None to pick the composed layers here.')
+  if not (fusable if fused is None else fused):
+    if pre_activation is not None:
+      x = pre_activation(x)
+    return pointwise(depthwise(x, train), train)
+  x = x.astype(dtype)
+  depthwise_kernel, bn1 = depthwise.declare(x.shape[-1])
+  gamma1, beta1, moving_mean1, moving_var1 = bn1.declare(x.shape[-1])
+  pointwise_kernel, _, bn2 = pointwise.declare(x.shape[-1])
+  gamma2, beta2, moving_mean2, moving_var2 = bn2.declare(features)
+  with jax.named_scope(name):
+    y, mean1, var1, mean2, var2 = separable_unit_train(
+        x, depthwise_kernel.astype(dtype), gamma1, beta1, pointwise_kernel.astype(dtype), gamma2,
+        beta2, stride, rate, depthwise.padding(x.shape), impl, pre_activation is not None,
+        activation is not None, activation is not None, bn.epsilon)
+  rows = y.size // features  # The pointwise conv keeps the depthwise output's pixels.
+  bn1.update(moving_mean1, moving_var1, mean1, var1, rows)
+  bn2.update(moving_mean2, moving_var2, mean2, var2, rows)
+  return y
 
 
 @functools.lru_cache(maxsize=256)

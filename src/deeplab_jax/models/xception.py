@@ -75,12 +75,11 @@ class XceptionModule(nn.Module):
     x = inputs
     end_point = None
     for i in range(3):
-      if not self.activation_inside:
-        x = nn.relu(x)
       x = layers.separable_conv(
           x, self.depths[i], f'separable_conv{i + 1}', train=train,
           stride=self.stride if i == 2 else 1, rate=self.rates[i],
           activation=nn.relu if self.activation_inside else None,
+          pre_activation=None if self.activation_inside else nn.relu,
           bn=self.bn, impl=self.depthwise_impl, dtype=self.dtype)
       if i == 1:
         end_point = x
