@@ -262,6 +262,7 @@ class _SeparableUnit(nn.Module):
   pre_relu: bool
   fused: bool | None
   dtype: str = 'float32'
+  impl: str = 'shift'
   bn: layers.BatchNormConfig = layers.BatchNormConfig(decay=0.9, epsilon=1e-3)
 
   @nn.compact
@@ -269,21 +270,26 @@ class _SeparableUnit(nn.Module):
     return layers.separable_conv(
         x, 12, 'unit', train=train, stride=self.stride, rate=self.rate,
         activation=None if self.pre_relu else nn.relu,
-        pre_activation=nn.relu if self.pre_relu else None, bn=self.bn, impl='shift',
+        pre_activation=nn.relu if self.pre_relu else None, bn=self.bn, impl=self.impl,
         dtype=jnp.dtype(self.dtype), fused=self.fused)
 
 
-@pytest.mark.parametrize('stride,rate', [(1, 1), (2, 1), (1, 2), (1, 3), (1, 4), (2, 2)])
-@pytest.mark.parametrize('pre_relu', [True, False])
-@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_fused_separable_unit_matches_composed_layers(stride, rate, pre_relu, dtype):
+_FUSED_CASES = [(stride, rate, pre_relu, dtype, 'shift')
+                for stride, rate in [(1, 1), (2, 1), (1, 2), (1, 3), (1, 4), (2, 2)]
+                for pre_relu in (True, False) for dtype in ('float32', 'bfloat16')]
+# The grouped depthwise conv (the GPU/TPU default) inside the fused unit.
+_FUSED_CASES += [(2, 1, True, 'float32', 'grouped'), (1, 3, False, 'float32', 'grouped')]
+
+
+@pytest.mark.parametrize('stride,rate,pre_relu,dtype,impl', _FUSED_CASES)
+def test_fused_separable_unit_matches_composed_layers(stride, rate, pre_relu, dtype, impl):
   """The fused training unit against the composed layers: output, moving statistics and the
   gradients of the input and all six parameters, with an input whose channel means are away from
   zero (the ReLU masks and the BatchNorm sums both matter)."""
   rng = np.random.default_rng(stride * 10 + rate)
   x = jnp.asarray(rng.normal(size=(2, 11, 10, 8)) + 0.3, dtype)
-  fused = _SeparableUnit(stride, rate, pre_relu, True, dtype)
-  composed = _SeparableUnit(stride, rate, pre_relu, False, dtype)
+  fused = _SeparableUnit(stride, rate, pre_relu, True, dtype, impl)
+  composed = _SeparableUnit(stride, rate, pre_relu, False, dtype, impl)
   variables = composed.init(jax.random.key(0), x, train=False)
   params = jax.tree.map(lambda p: p * rng.uniform(0.7, 1.3, p.shape).astype(np.float32) + 0.05,
                         variables['params'])
