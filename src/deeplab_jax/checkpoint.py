@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from orbax.checkpoint._src.metadata import array_metadata_store  # No public path in orbax 0.12.
 
 from deeplab_jax import paths
 from deeplab_jax.errors import CheckpointError
@@ -26,6 +27,11 @@ from deeplab_jax.errors import CheckpointError
 CHECKPOINT_SUBDIR = 'checkpoints'
 VARIABLE_COLLECTIONS = ('params', 'batch_stats')
 BEST_METRIC = 'miou'
+# Replica-parallel saving cuts a replicated array into one slice per replica so that several hosts
+# write it together; each slice is a program of its own to compile and run (5.6 s of the first save
+# of the tiny model's training state on 4 devices, 0.8 s without). Slices below this size write
+# faster whole, and within one process the same host writes every slice anyway.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 PyTree = Any
 
@@ -107,7 +113,20 @@ def create_manager(path: str | os.PathLike, *, keep: int = 3, keep_best: bool = 
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
       enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(checkpoint_dir(path), options=options,
-                               item_handlers=ocp.PyTreeCheckpointHandler())
+                               item_handlers=_saving_handler())
+
+
+def _saving_handler() -> ocp.PyTreeCheckpointHandler:
+  """orbax's PyTree handler, its arrays written replica-parallel only across processes and only
+  in slices of at least `MIN_REPLICA_SLICE_BYTES` (orbax: every array, in one slice per replica)."""
+  th = ocp.type_handlers
+  arrays = th.ArrayHandler(use_replica_parallel=jax.process_count() > 1,
+                           min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+                           array_metadata_store=array_metadata_store.Store())
+  registry = th.create_type_handler_registry(
+      *[(t, th.ScalarHandler()) for t in (int, float, bytes, np.number)],
+      (np.ndarray, th.NumpyHandler()), (jax.Array, arrays), (str, th.StringHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def _read_only_manager(directory: str) -> ocp.CheckpointManager:
