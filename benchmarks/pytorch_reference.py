@@ -196,11 +196,18 @@ def jax_summarise(prepared: object, times: list[float], matmul: dict) -> dict:
 
 
 def interleaved(calls: dict[str, Callable[[], object]], steps: int) -> dict[str, list[float]]:
-  """Times of `steps` rounds, each calling every entry of `calls` once, in order."""
+  """Times of `steps` rounds, each calling every entry of `calls` once, in order; also, under
+  `'{name}_system_s'` and `'{name}_faults'`, each call's system CPU seconds and minor page faults."""
   times = {name: [] for name in calls}
+  for name in calls:
+    times[f'{name}_system_s'], times[f'{name}_faults'] = [], []
   for _ in range(steps):
     for name, call in calls.items():
+      before = resource.getrusage(resource.RUSAGE_SELF)
       times[name].append(timed(call))
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      times[f'{name}_system_s'].append(after.ru_stime - before.ru_stime)
+      times[f'{name}_faults'].append(after.ru_minflt - before.ru_minflt)
   return times
 
 
@@ -254,6 +261,8 @@ def main() -> None:
         'steps': args.steps,
         'step_time_median_s': median,
         'step_time_min_s': min(times['torch']),
+        'step_system_cpu_s_median': statistics.median(times['torch_system_s']),
+        'step_minor_faults_median': int(statistics.median(times['torch_faults'])),
         'images_per_s': images_per_s,
         'peak_memory_bytes': rss if sys.platform == 'darwin' else rss * 1024,
         'peak_memory_source': 'process_peak_rss (whole run so far)',

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from deeplab_jax import config as config_lib
@@ -46,6 +47,7 @@ def check_result(result: dict, mode: str, batch: int) -> None:
     assert result[field] > 0 and math.isfinite(result[field]), (field, result[field])
   assert result['step_time_min_s'] <= result['step_time_median_s']
   assert result['compiled_temp_bytes'] is None or result['compiled_temp_bytes'] >= 0
+  assert result['step_system_cpu_s_median'] >= 0 and result['step_minor_faults_median'] >= 0
   assert result['mode'] == mode and result['batch'] == batch
   assert result['images_per_s'] == pytest.approx(batch / result['step_time_median_s'])
   passes = 3 if mode == 'train' else 1
@@ -64,6 +66,18 @@ def check_breakdown(result: dict) -> None:
   seconds = [s for _, _, s, _ in result['top_ops']]
   assert seconds == sorted(seconds, reverse=True) and math.isfinite(seconds[0])
   assert all(cls in op_profile.CLASSES for _, cls, _, _ in result['top_ops'])
+
+
+def test_kernel_share_counts_the_page_faults_of_fresh_memory():
+  """64 MiB written into fresh pages faults at least once per 2 MiB (huge pages) and at most about
+  once per 4 KiB page; a call that touches no new memory faults far less."""
+  size = 64 << 20
+  seconds, system_s, faults = benchmark._kernel_share(lambda: np.ones(size, np.uint8))
+  assert seconds > 0 and system_s >= 0
+  assert size // (2 << 20) <= faults <= 2 * size // 4096, faults
+  kept = np.ones(size, np.uint8)
+  _, _, refaults = benchmark._kernel_share(lambda: kept.fill(2))
+  assert refaults < size // (2 << 20), refaults
 
 
 def test_infer_counts_the_eval_crop():

@@ -5,6 +5,7 @@ are in tests/test_topology.py.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -45,6 +46,22 @@ def test_launcher_stops_the_job_when_one_process_fails(tmp_path):
   assert '--xla_force_host_platform_device_count=3' in result.stdout
   assert "['--x=1']" in result.stdout
   assert 'process 1 exited with status 3' in result.stderr
+
+
+def test_cpu_processes_get_huge_pages_unless_the_caller_chose_its_own_tunables():
+  spec = importlib.util.spec_from_file_location('local_multiprocess', LAUNCHER)
+  launcher = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launcher)
+  settings = dict(process_id=1, num_processes=2, coordinator='127.0.0.1:1')
+  cpu = launcher.process_env({'XLA_FLAGS': '--xla_foo=1'}, devices_per_process=2, **settings)
+  assert cpu['GLIBC_TUNABLES'] == 'glibc.malloc.hugetlb=1'
+  assert cpu['XLA_FLAGS'].split() == ['--xla_foo=1', '--xla_force_host_platform_device_count=2']
+  assert cpu['DEEPLAB_PROCESS_ID'] == '1' and cpu['JAX_PLATFORMS'] == 'cpu'
+  own = launcher.process_env({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, devices_per_process=2,
+                             **settings)
+  assert own['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
+  accelerators = launcher.process_env({}, devices_per_process=None, **settings)
+  assert 'GLIBC_TUNABLES' not in accelerators and 'JAX_PLATFORMS' not in accelerators
 
 
 def test_initialize_is_a_no_op_for_one_process_and_names_missing_settings(monkeypatch):

@@ -19,6 +19,9 @@ Runs on random data at the config's crop (`train.crop_size` for `--mode=train`, 
   `matmul_flops_per_s` (both from median times);
 - `compiled_temp_bytes`: the step's scratch memory (activations kept for the backward pass, ...) as
   XLA planned it (`memory_analysis()`), where the backend reports it;
+- `step_system_cpu_s_median`, `step_minor_faults_median`: the kernel's share of a timed step, in
+  system CPU seconds and minor page faults of this process (XLA:CPU maps a step's scratch memory
+  fresh for every step, so its pages fault in again each time: see docs/performance.md);
 - `compile_cpu_s`: the compile's process CPU time, a steadier figure than `compile_s` on a busy
   machine; `load_average`: the machine's load at the end;
 - `op_time_s`, `op_fractions`, `op_time_total_s`, `top_ops` (unless `--op_breakdown=false`): where
@@ -66,6 +69,14 @@ def _timed(fn: Callable[[], Any]) -> float:
   start = time.perf_counter()
   jax.block_until_ready(fn())
   return time.perf_counter() - start
+
+
+def _kernel_share(fn: Callable[[], Any]) -> tuple[float, float, int]:
+  """(wall s, system CPU s, minor page faults) of one blocking call of `fn`, for this process."""
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  seconds = _timed(fn)
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return seconds, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
 
 
 def matmul_reference(size: int = 2048, dtype: Any = jnp.float32) -> tuple[Callable[[], Any], float]:
@@ -273,13 +284,18 @@ def benchmark(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int
   matmul, work = matmul_reference(matmul_size, prepared.dtype)
   for _ in range(warmup):
     jax.block_until_ready(prepared.call())
-  times, matmul_times = [], []
+  times, matmul_times, system_s, faults = [], [], [], []
   for _ in range(steps):
-    times.append(_timed(prepared.call))
+    seconds, system, minor_faults = _kernel_share(prepared.call)
+    times.append(seconds)
+    system_s.append(system)
+    faults.append(minor_faults)
     matmul_times.append(_timed(matmul))
   result = summarise(prepared, times, {'size': matmul_size,
                                        'median': work / statistics.median(matmul_times),
                                        'max': work / min(matmul_times)})
+  result['step_system_cpu_s_median'] = statistics.median(system_s)
+  result['step_minor_faults_median'] = int(statistics.median(faults))
   if op_breakdown:
     result.update(op_profile.breakdown(prepared.compiled, prepared.call))
   return result
