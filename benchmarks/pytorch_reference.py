@@ -189,18 +189,18 @@ def jax_calls(calls: dict, prepared: dict, matmul_size: int) -> float:
   return work
 
 
-def jax_summarise(prepared: object, times: list[float], matmul: dict) -> dict:
-  """`deeplab_jax.tools.benchmark.summarise`: the JAX benchmark's JSON for interleaved times."""
+def jax_summarise(prepared: object, times: dict[str, list], name: str, matmul: dict) -> dict:
+  """`deeplab_jax.tools.benchmark.summarise`: the JAX benchmark's JSON for the interleaved calls
+  `name` of `times` (`interleaved`)."""
   from deeplab_jax.tools import benchmark as jax_benchmark
-  return jax_benchmark.summarise(prepared, times, matmul)
+  return jax_benchmark.summarise(prepared, times[name], matmul, times[f'{name}_system_s'],
+                                 times[f'{name}_faults'])
 
 
 def interleaved(calls: dict[str, Callable[[], object]], steps: int) -> dict[str, list[float]]:
   """Times of `steps` rounds, each calling every entry of `calls` once, in order; also, under
   `'{name}_system_s'` and `'{name}_faults'`, each call's system CPU seconds and minor page faults."""
-  times = {name: [] for name in calls}
-  for name in calls:
-    times[f'{name}_system_s'], times[f'{name}_faults'] = [], []
+  times = {f'{name}{part}': [] for name in calls for part in ('', '_system_s', '_faults')}
   for _ in range(steps):
     for name, call in calls.items():
       before = resource.getrusage(resource.RUSAGE_SELF)
@@ -283,7 +283,7 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     for impl, prep in prepared.items():
       jax_times = times[f'jax_{impl}']
-      jax_result = jax_summarise(prep, jax_times, {
+      jax_result = jax_summarise(prep, times, f'jax_{impl}', {
           'size': args.matmul_size, 'median': jax_work / statistics.median(times['jax_matmul']),
           'max': jax_work / min(times['jax_matmul'])})
       jax_result['framework'] = 'jax (deeplab_jax), interleaved with torch'

@@ -9,8 +9,8 @@ another entry point). Each process gets `XLA_FLAGS=--xla_force_host_platform_dev
 `JAX_PLATFORMS=cpu` and `DEEPLAB_COORDINATOR_ADDRESS` / `DEEPLAB_NUM_PROCESSES` /
 `DEEPLAB_PROCESS_ID` for `deeplab_jax.distributed.initialize` (coordinator on a free localhost
 port), and, unless set already, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge pages for XLA:CPU's
-per-step scratch memory: fewer page faults, README "Performance"), so the job sees N x D devices in N processes, as a multi-host pod would, with gloo CPU
-collectives. Use it to check multi-host behaviour (per-process data shards, checkpoints, metrics)
+per-step scratch memory: fewer page faults, README "Performance"), so the job sees N x D devices
+in N processes, as a multi-host pod would, with gloo CPU collectives. Use it to check multi-host behaviour (per-process data shards, checkpoints, metrics)
 without a pod. Prepare the dataset first (a multi-process job never builds one), e.g.
 `python -c "from deeplab_jax.datasets import shapes; shapes.ensure_prepared(None)"`.
 

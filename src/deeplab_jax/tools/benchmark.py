@@ -240,8 +240,10 @@ def prepare(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int |
                   compiled)
 
 
-def summarise(prepared: Prepared, times: Sequence[float], matmul: dict) -> dict:
-  """The result: `prepared.info`, step times, throughput, memory, FLOP/s against `matmul`."""
+def summarise(prepared: Prepared, times: Sequence[float], matmul: dict,
+              system_s: Sequence[float], faults: Sequence[int]) -> dict:
+  """The result: `prepared.info`, step times, throughput, memory, FLOP/s against `matmul`, and
+  each step's system CPU seconds and minor page faults (`_kernel_share`)."""
   median, fastest = statistics.median(times), min(times)
   memory, memory_source = peak_memory()
   images_per_s = prepared.batch / median
@@ -252,6 +254,8 @@ def summarise(prepared: Prepared, times: Sequence[float], matmul: dict) -> dict:
       'steps': len(times),
       'step_time_median_s': median,
       'step_time_min_s': fastest,
+      'step_system_cpu_s_median': statistics.median(system_s),
+      'step_minor_faults_median': int(statistics.median(faults)),
       'images_per_s': images_per_s,
       'peak_memory_bytes': memory,
       'peak_memory_source': memory_source,
@@ -293,9 +297,7 @@ def benchmark(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int
     matmul_times.append(_timed(matmul))
   result = summarise(prepared, times, {'size': matmul_size,
                                        'median': work / statistics.median(matmul_times),
-                                       'max': work / min(matmul_times)})
-  result['step_system_cpu_s_median'] = statistics.median(system_s)
-  result['step_minor_faults_median'] = int(statistics.median(faults))
+                                       'max': work / min(matmul_times)}, system_s, faults)
   if op_breakdown:
     result.update(op_profile.breakdown(prepared.compiled, prepared.call))
   return result
