@@ -25,6 +25,7 @@ LAUNCHER = REPO / 'launch' / 'local_multiprocess.py'
 # ------------------------------------------------------------------------------- launcher, init
 
 
+@pytest.mark.exclusive
 def test_launcher_stops_the_job_when_one_process_fails(tmp_path):
   (tmp_path / 'job.py').write_text(textwrap.dedent("""
       import os, sys, time

@@ -322,6 +322,7 @@ with preemption.StopSignals(sync_every=5) as stop:
 """
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
 def test_processes_of_a_multiprocess_job_stop_at_the_same_step(sig):
   """A signal to one process stops all of them after the same step (else collectives would hang):

@@ -44,6 +44,8 @@ from flax import traverse_util
 from deeplab_jax import checkpoint, metrics
 from deeplab_jax.datasets import shapes
 
+pytestmark = pytest.mark.exclusive  # Multi-process jobs (see conftest.py).
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / 'launch' / 'local_multiprocess.py'
 CONFIG_FILE = REPO / 'configs' / 'tiny.py'
