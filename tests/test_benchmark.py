@@ -83,13 +83,18 @@ def test_kernel_share_counts_the_page_faults_of_fresh_memory():
 def test_infer_counts_the_eval_crop():
   config = tiny_config()
   config.model.depthwise_impl = 'grouped'
-  result = benchmark.benchmark(config, 'infer', steps=2, matmul_size=128)
+  result = benchmark.benchmark(config, 'infer', steps=2, matmul_size=128, matmul_floor=True)
   check_result(result, 'infer', batch=1)
   assert result['depthwise_impl'] == 'grouped'
   assert result['crop_size'] == [33, 33]
   assert result['multiply_adds'] == multiply_adds.count(config, crop_size=(33, 33))['multiply_adds']
   check_breakdown(result)
   assert result['op_time_s']['depthwise'] > 0  # The grouped convolutions.
+  # The dense ops: the model's multiply-adds less the depthwise ones (grouped convs, not counted),
+  # plus the bilinear resizes, which XLA computes as dots (the hand counts: test_op_profile.py).
+  flops = 2 * result['multiply_adds']
+  assert 0.5 * flops < result['matmul_flops'] < 1.1 * flops
+  assert result['matmul_floor_s'] > 0 and result['dense_op_count'] >= 20
 
 
 def test_train_step_over_all_devices():
@@ -118,9 +123,11 @@ def test_command_prints_one_json_object(tmp_path):
       # The older module name (kept for existing commands) runs deeplab_jax.tools.benchmark.
       [sys.executable, '-m', 'deeplab_jax.benchmark', f'--config={path}', '--mode=infer',
        '--batch=2', '--steps=1', '--matmul_size=64', '--config.model.depthwise_impl=grouped',
-       *overrides], capture_output=True, text=True, check=True).stdout
+       '--op_breakdown=false', '--matmul_floor', *overrides],
+      capture_output=True, text=True, check=True).stdout
   result = json.loads(out.strip().splitlines()[-1])
   check_result(result, 'infer', batch=2)
+  assert 'op_time_s' not in result and result['matmul_floor_s'] > 0
   assert result['depthwise_impl'] == 'grouped'
   assert result['backbone'] == 'xception_41'
 

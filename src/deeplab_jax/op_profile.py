@@ -15,6 +15,11 @@ instruction it ran, in the `hlo_op` stat) and classifies each instruction of `co
 Each event is one instruction's duration as the runtime recorded it (an instruction that itself
 runs on several cores counts once); instructions the runtime runs concurrently both count, so the
 total can exceed the step's wall time. `op_fractions` are each class's share of the total.
+
+`dense_ops(text)` lists the module's dots and dense convolutions with their shapes, FLOPs and how
+often a step runs each; `matmul_floor(ops)` times each distinct one alone, jitted, so that their sum
+says how long the step's matmul arithmetic takes at the rate XLA reaches on those shapes when
+nothing else runs: a floor for any formulation that keeps the same matmuls.
 """
 
 from __future__ import annotations
@@ -23,11 +28,15 @@ import dataclasses
 import glob
 import os
 import re
+import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 CLASSES = ('matmul', 'depthwise', 'batchnorm', 'copy', 'other')
 _HEADER = re.compile(r'^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$')
@@ -162,3 +171,186 @@ def breakdown(compiled: Any, call: Callable[[], Any], top: int = 10) -> dict:
       'op_time_total_s': total,
       'top_ops': [[n, classes[n], s, instructions[n].op_name] for n, s in slowest],
   }
+
+
+_DEFINITION = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\]')
+_OPERANDS = re.compile(r'\s(dot|convolution)\(([^)]*)\)')
+_OPERAND_NAME = re.compile(r'%([\w.\-]+)')
+_DIMS = re.compile(r'(lhs_contracting_dims|rhs_contracting_dims|lhs_batch_dims|rhs_batch_dims)'
+                   r'=\{([\d,]*)\}')
+_WINDOW = re.compile(r'window=\{([^}]*)\}')
+_DIM_LABELS = re.compile(r'dim_labels=(\w+)_(\w+)->(\w+)')
+_BATCH_GROUPS = re.compile(r'batch_group_count=(\d+)')
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseOp:
+  """A dot or dense (ungrouped) convolution of an HLO module, as `dense_ops` found it."""
+
+  opcode: str  # 'dot' | 'convolution'
+  dtype: str  # HLO element type of the result, e.g. 'f32'
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  out: tuple[int, ...]
+  attributes: tuple[tuple[str, str], ...]  # Dimension numbers, window, dim_labels: to rebuild it.
+  op_name: str
+  count: int  # How many times one run of the module runs it.
+
+  @property
+  def flops(self) -> int:
+    """2 * multiply-adds of one run of the op (padding included, as XLA computes it)."""
+    attrs = dict(self.attributes)
+    if self.opcode == 'dot':
+      contracted = _ints(attrs.get('lhs_contracting_dims', ''))
+      return 2 * int(np.prod(self.out)) * int(np.prod([self.lhs[d] for d in contracted]))
+    out_features = self.rhs[attrs['rhs_labels'].index('o')]
+    return 2 * int(np.prod(self.out)) * int(np.prod(self.rhs)) // out_features
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in text.split(',') if v)
+
+
+def _call_counts(instructions: dict[str, Instruction], computations: dict[str, list[str]],
+                 entry: str) -> dict[str, int]:
+  """{computation: times one run of `entry` runs it} (a while body counts once)."""
+  counts: dict[str, int] = {}
+
+  def visit(computation: str, times: int) -> None:
+    counts[computation] = counts.get(computation, 0) + times
+    for name in computations.get(computation, ()):
+      for called in instructions[name].calls:
+        visit(called, times)
+
+  visit(entry, 1)
+  return counts
+
+
+def dense_ops(text: str) -> list[DenseOp]:
+  """Every dot and ungrouped convolution of the HLO module `text` that its entry reaches."""
+  instructions, computations = parse_hlo(text)
+  entry = next((m.group(1) for line in text.splitlines()
+                if line.startswith('ENTRY') and (m := _HEADER.match(line))), None)
+  if entry is None:
+    raise ValueError('the HLO text has no ENTRY computation')
+  counts = _call_counts(instructions, computations, entry)
+  owner = {name: comp for comp, names in computations.items() for name in names}
+  shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
+  lines = []
+  for line in text.splitlines():
+    match = _DEFINITION.match(line)
+    if match:
+      name, dtype, dims = match.groups()
+      shapes[name] = (dtype, _ints(dims))
+      lines.append((name, line))
+  ops = []
+  for name, line in lines:
+    inst = instructions.get(name)
+    if inst is None or inst.opcode not in ('dot', 'convolution') or inst.grouped:
+      continue
+    if counts.get(owner[name], 0) == 0:
+      continue
+    operands = _OPERAND_NAME.findall(_OPERANDS.search(line).group(2))
+    if len(operands) != 2 or any(o not in shapes for o in operands):
+      raise ValueError(f'cannot read the operands of {name!r}: {line.strip()[:200]}')
+    attributes = [(key, value) for key, value in _DIMS.findall(line)]
+    if inst.opcode == 'convolution':
+      window, labels = _WINDOW.search(line), _DIM_LABELS.search(line)
+      groups = _BATCH_GROUPS.search(line)
+      attributes += [('window', window.group(1) if window else ''),
+                     ('lhs_labels', labels.group(1)), ('rhs_labels', labels.group(2)),
+                     ('out_labels', labels.group(3)),
+                     ('batch_group_count', groups.group(1) if groups else '1')]
+    dtype, out = shapes[name]
+    ops.append(DenseOp(inst.opcode, dtype, shapes[operands[0]][1], shapes[operands[1]][1], out,
+                       tuple(attributes), inst.op_name, counts[owner[name]]))
+  return ops
+
+
+_SPATIAL = 'HWDXYZ'
+_DTYPES = {'f32': jnp.float32, 'bf16': jnp.bfloat16, 'f16': jnp.float16, 'f64': jnp.float64}
+
+
+def _conv_spec(labels: str) -> str:
+  """An HLO dim_labels part ('b01f', '01io') as a lax spec ('NHWC', 'HWIO')."""
+  named = {'b': 'N', 'f': 'C', 'i': 'I', 'o': 'O'}
+  return ''.join(named[c] if c in named else _SPATIAL[int(c)] for c in labels)
+
+
+def _window(text: str, rank: int) -> dict[str, list]:
+  """HLO `window={size=3x3 stride=2x2 pad=0_1x0_1 lhs_dilate=.. rhs_dilate=..}` as lax arguments."""
+  fields = dict(item.split('=') for item in text.split())
+  ones = [1] * rank
+
+  def ints(key: str) -> list[int]:
+    return [int(v) for v in fields[key].split('x')] if key in fields else ones
+
+  pad = ([tuple(int(v) for v in p.split('_')) for p in fields['pad'].split('x')]
+         if 'pad' in fields else [(0, 0)] * rank)
+  return {'window_strides': ints('stride'), 'padding': pad, 'lhs_dilation': ints('lhs_dilate'),
+          'rhs_dilation': ints('rhs_dilate')}
+
+
+def rebuild(op: DenseOp) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """A function of (lhs, rhs) that computes `op` as lax does (checked against its result shape)."""
+  attrs = dict(op.attributes)
+  if op.opcode == 'dot':
+    numbers = ((_ints(attrs.get('lhs_contracting_dims', '')),
+                _ints(attrs.get('rhs_contracting_dims', ''))),
+               (_ints(attrs.get('lhs_batch_dims', '')), _ints(attrs.get('rhs_batch_dims', ''))))
+
+    def fn(lhs, rhs):
+      return jax.lax.dot_general(lhs, rhs, numbers)
+  else:
+    specs = tuple(_conv_spec(attrs[f'{part}_labels']) for part in ('lhs', 'rhs', 'out'))
+    window = _window(attrs['window'], len(op.lhs) - 2)
+
+    def fn(lhs, rhs):
+      return jax.lax.conv_general_dilated(
+          lhs, rhs, dimension_numbers=specs, batch_group_count=int(attrs['batch_group_count']),
+          **window)
+  dtype = _DTYPES[op.dtype]
+  shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(op.lhs, dtype),
+                         jax.ShapeDtypeStruct(op.rhs, dtype)).shape
+  if tuple(shape) != op.out:
+    raise ValueError(f'rebuilt {op.opcode} of {op.op_name!r} gives {shape}, the module {op.out}')
+  return fn
+
+
+def matmul_floor(ops: Iterable[DenseOp], repeats: int = 5, top: int = 10) -> dict:
+  """Each distinct op of `ops` timed alone (jitted, random operands, median of `repeats` runs after
+  one warm-up), times how often the step runs it.
+
+  Returns {'matmul_flops': per run of the module, 'matmul_floor_s': the summed time,
+  'matmul_floor_flops_per_s', 'dense_op_count', 'slowest_dense_ops': the `top` largest
+  contributions as [op_name, opcode, lhs, rhs, count, seconds, FLOP/s]}.
+  """
+  groups: dict[tuple, list[DenseOp]] = {}
+  for op in ops:
+    groups.setdefault((op.opcode, op.dtype, op.lhs, op.rhs, op.attributes), []).append(op)
+  key = jax.random.key(0)
+  rows, total_s, total_flops, count = [], 0.0, 0, 0
+  for same in groups.values():
+    op = same[0]
+    fn = jax.jit(rebuild(op))
+    dtype = _DTYPES[op.dtype]
+    key, k1, k2 = jax.random.split(key, 3)
+    lhs = jax.random.normal(k1, op.lhs, dtype)
+    rhs = jax.random.normal(k2, op.rhs, dtype)
+    jax.block_until_ready(fn(lhs, rhs))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(lhs, rhs))
+      times.append(time.perf_counter() - start)
+    runs = sum(o.count for o in same)
+    seconds = statistics.median(times) * runs
+    total_s += seconds
+    total_flops += op.flops * runs
+    count += runs
+    rows.append([op.op_name, op.opcode, list(op.lhs), list(op.rhs), runs, seconds,
+                 op.flops * runs / seconds])
+  rows.sort(key=lambda row: -row[5])
+  return {'matmul_flops': total_flops, 'matmul_floor_s': total_s,
+          'matmul_floor_flops_per_s': total_flops / total_s if total_s else 0.0,
+          'dense_op_count': count, 'slowest_dense_ops': rows[:top]}

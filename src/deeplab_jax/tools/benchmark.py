@@ -26,7 +26,12 @@ Runs on random data at the config's crop (`train.crop_size` for `--mode=train`, 
   machine; `load_average`: the machine's load at the end;
 - `op_time_s`, `op_fractions`, `op_time_total_s`, `top_ops` (unless `--op_breakdown=false`): where
   the time goes, by op class (matmul, depthwise, batchnorm, copy, other), from one more step run
-  under the profiler (`deeplab_jax.op_profile`: each instruction's recorded duration, summed by class).
+  under the profiler (`deeplab_jax.op_profile`: each instruction's recorded duration, summed by class);
+- with `--matmul_floor`: `matmul_flops` (the FLOPs of the compiled program's dots and dense
+  convolutions in one step, per device where the step is sharded), `matmul_floor_s` (each distinct
+  one of them timed alone, jitted, times how often the step runs it: how long the step's matmul
+  arithmetic takes at the rates XLA reaches on those shapes, a floor for any formulation with the
+  same matmuls), `matmul_floor_flops_per_s`, `dense_op_count` and `slowest_dense_ops`.
 
 `--fold_batch_norm` times inference with every BatchNorm folded into its conv
 (`layers.fold_batch_norm`; the same variables, outputs equal up to float rounding).
@@ -276,7 +281,8 @@ def summarise(prepared: Prepared, times: Sequence[float], matmul: dict,
 
 def benchmark(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int | None = None,
               steps: int = 10, warmup: int = 1, matmul_size: int = 2048,
-              op_breakdown: bool = True, fold_batch_norm: bool = False) -> dict:
+              op_breakdown: bool = True, fold_batch_norm: bool = False,
+              matmul_floor: bool = False) -> dict:
   """Benchmark `config`'s model in `mode` ('train' | 'infer'); returns the JSON-able results.
 
   Each timed step is followed by a timed reference matmul, so that on a shared machine both see
@@ -285,6 +291,7 @@ def benchmark(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int
   if steps < 1:
     raise ConfigError(f'--steps must be >= 1, got {steps}')
   prepared = prepare(config, mode, batch, fold_batch_norm=fold_batch_norm)
+  hlo_text = prepared.compiled.as_text() if matmul_floor else ''
   matmul, work = matmul_reference(matmul_size, prepared.dtype)
   for _ in range(warmup):
     jax.block_until_ready(prepared.call())
@@ -300,6 +307,9 @@ def benchmark(config: ml_collections.ConfigDict, mode: str = 'infer', batch: int
                                        'max': work / min(matmul_times)}, system_s, faults)
   if op_breakdown:
     result.update(op_profile.breakdown(prepared.compiled, prepared.call))
+  if matmul_floor:
+    del prepared  # Frees the step's state before the floor's own operands are made.
+    result.update(op_profile.matmul_floor(op_profile.dense_ops(hlo_text)))
   return result
 
 
@@ -317,13 +327,15 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                     flag_values=fv)
   flags.DEFINE_bool('op_breakdown', True, 'Also profile one step and print the per-op-class time.',
                     flag_values=fv)
+  flags.DEFINE_bool('matmul_floor', False, 'Also time every matmul of the step alone and print '
+                    'their sum (about a minute for a full-size train step).', flag_values=fv)
 
 
 def main(argv: Sequence[str], flag_values: flags.FlagValues) -> dict:
   app.no_arguments(argv)
   f = flag_values
   result = benchmark(f.config, f.mode, f.batch, f.steps, f.warmup, f.matmul_size, f.op_breakdown,
-                     f.fold_batch_norm)
+                     f.fold_batch_norm, f.matmul_floor)
   print(json.dumps(result))
   return result
 
