@@ -19,7 +19,8 @@ total can exceed the step's wall time. `op_fractions` are each class's share of 
 `dense_ops(text)` lists the module's dots and dense convolutions with their shapes, FLOPs and how
 often a step runs each; `matmul_floor(ops)` times each distinct one alone, jitted, so that their sum
 says how long the step's matmul arithmetic takes at the rate XLA reaches on those shapes when
-nothing else runs: a floor for any formulation that keeps the same matmuls.
+nothing else runs (inside the step they can run faster, their operands still in cache from the op
+that made them).
 """
 
 from __future__ import annotations
