@@ -31,7 +31,8 @@ Runs on random data at the config's crop (`train.crop_size` for `--mode=train`, 
   convolutions in one step, per device where the step is sharded), `matmul_floor_s` (each distinct
   one of them timed alone, jitted, times how often the step runs it: how long the step's matmul
   arithmetic takes at the rates XLA reaches on those shapes when nothing else runs; in the step
-  they can run faster, operands still in cache), `matmul_floor_flops_per_s`, `dense_op_count` and `slowest_dense_ops`.
+  they can run faster, operands still in cache), `matmul_floor_flops_per_s`, `dense_op_count` and
+  `slowest_dense_ops`.
 
 `--fold_batch_norm` times inference with every BatchNorm folded into its conv
 (`layers.fold_batch_norm`; the same variables, outputs equal up to float rounding).
